@@ -1,0 +1,3 @@
+from dtsweep.cli import main
+
+raise SystemExit(main())

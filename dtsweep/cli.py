@@ -1,0 +1,183 @@
+"""Command line: `python -m dtsweep {plan,run,status,data,...}`.
+
+Errors a user can fix (bad spec, missing dataset, unreachable model or cluster, storage
+that cannot be written) print one line and exit with code 2, without a traceback and
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An input problem the user can fix; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dtsweep.data import DatasetNotFoundError
+    from dtsweep.models import InitError
+    from dtsweep.spec import SpecError
+
+    return (UserError, SpecError, DatasetNotFoundError, InitError)
+
+
+def _load(path: str, storage: str | None = None):
+    from dtsweep.spec import load_spec
+
+    spec = load_spec(path)
+    return spec.with_storage(storage) if storage else spec
+
+
+# ---- plan
+
+
+def cmd_plan(args) -> int:
+    from dtsweep.costs import estimate
+
+    spec = _load(args.sweep, args.storage)
+    trials = spec.trials()
+    rows, gpu_h, storage = [], 0.0, 0
+    for t in trials:
+        c = estimate(t)
+        gpu_h += c.gpu_hours
+        storage += c.storage_bytes
+        rows.append({**t.columns(), "epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch,
+                     "params": c.params, "gpu_hours": round(c.gpu_hours, 4), "storage_bytes": c.storage_bytes})  # fmt: skip
+    per_study = Counter(t.study for t in trials)
+    if args.json:
+        out = {"sweep": spec.name, "sweep_dir": spec.sweep_dir, "total_trials": len(trials),
+               "studies": dict(per_study), "gpu_hours": round(gpu_h, 2),
+               "storage_gb": round(storage / 1e9, 3), "trials": rows}  # fmt: skip
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"sweep {spec.name} -> {spec.sweep_dir}")
+    for st in spec.studies:
+        sub = [r for r in rows if r["study"] == st.name]
+        h = sum(r["gpu_hours"] for r in sub)
+        print(f"  {st.name:<16} {len(sub):>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
+              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  ~{h:,.1f} GPU-h")  # fmt: skip
+    print(f"  total            {len(trials):>5} trials  ~{gpu_h:,.1f} GPU-hours  ~{storage / 1e9:,.1f} GB "
+          "(estimates: see dtsweep/costs.py)")  # fmt: skip
+    return 0
+
+
+# ---- run
+
+
+def cmd_run(args) -> int:
+    from dtsweep.orchestrate import run_sweep
+    from dtsweep.store import Store
+
+    spec = _load(args.sweep, args.storage)
+    try:
+        Store(spec.sweep_dir).check_writable()
+    except OSError as e:
+        raise UserError(str(e)) from None
+    address = args.address or spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_ray_address(address)
+    summary = run_sweep(spec, address=address, retry_failed=args.retry_failed)
+    return 0 if summary.failed == 0 else 1
+
+
+def _check_ray_address(address: str) -> None:
+    """Fail fast (exit 2) when a Ray address does not answer, instead of hanging in ray.init."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://") is False and ":" not in address:
+        return  # "auto" and bare names are resolved by Ray itself
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise UserError(f"Ray address {address!r} does not answer ({e}); start the cluster (`ray up cluster.yaml`) or drop --address for a local Ray") from None
+
+
+# ---- status
+
+
+def cmd_status(args) -> int:
+    from dtsweep.orchestrate import sweep_status
+
+    try:
+        st = sweep_status(args.sweep_dir)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        out = {k: v for k, v in st.items() if k != "trials"}
+        out["trials"] = st["trials"].to_dict("records")
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
+    print(f"{st['sweep_dir']}: {st['total']} trials: {counts}")
+    for f in st["failures"]:
+        print(f"  failed {f['trial_id']} ({f['init']} {f['dataset']} K={f['context_len']} seed={f['seed']}): {f['error']}")
+    return 0
+
+
+# ---- data
+
+
+def cmd_data_make(args) -> int:
+    from dtsweep.data import make_dataset
+
+    card = make_dataset(args.name, steps=args.steps, seed=args.seed, out_path=args.out)
+    print(json.dumps(card, indent=1, default=str))
+    return 0
+
+
+# ---- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dtsweep", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("plan", help="list the trials of a sweep and estimate GPU-hours and storage")
+    q.add_argument("sweep", help="sweep YAML file")
+    q.add_argument("--storage", help="override the spec's storage (local path or URI)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_plan)
+
+    q = sub.add_parser("run", help="train every unfinished trial of a sweep (resumable)")
+    q.add_argument("sweep", help="sweep YAML file")
+    q.add_argument("--storage", help="override the spec's storage; outputs land in STORAGE/<name>/")
+    q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    q.add_argument("--retry-failed", action="store_true", help="also rerun trials recorded as failed")
+    q.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("status", help="counts by status and failures of a sweep directory")
+    q.add_argument("sweep_dir")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("data", help="offline datasets in D4RL's HDF5 layout")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("make", help="generate ENV-QUALITY (e.g. hopper-random) with Gymnasium MuJoCo v5")
+    q.add_argument("name", help="dataset name, e.g. hopper-random or hopper-medium")
+    q.add_argument("--steps", type=int, default=1_000_000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="output .hdf5 path")
+    q.set_defaults(func=cmd_data_make)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

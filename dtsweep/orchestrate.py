@@ -1,0 +1,397 @@
+"""Ray Tune wiring: one Tune trial per dtsweep trial, the trial ledger, resume.
+
+Source of truth is the sweep directory, not Tune's experiment state:
+- a trial is *finished* when `metrics/<trial_id>.parquet` holds its final epoch;
+- `trials.parquet` (the ledger) records each trial's status and last error;
+- the latest resume state of a trial is its newest Tune checkpoint under `_tune/`.
+So `run` can be repeated at will: finished trials are skipped, interrupted ones resume
+from their last epoch (also after the driver itself was killed), new seeds only add trials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from dtsweep.spec import SweepSpec, Trial, resolved_yaml
+from dtsweep.store import (
+    CHECKPOINTS_SCHEMA,
+    METRICS_SCHEMA,
+    TRIALS_SCHEMA,
+    Store,
+    table_from_rows,
+)
+
+TUNE_DIR = "_tune"
+RESUME_FILE = "resume.pt"
+
+
+# --------------------------------------------------------------------------------------
+# The Tune trainable (runs in a Ray worker)
+# --------------------------------------------------------------------------------------
+
+
+def train_trial(config: dict) -> None:
+    """Tune function trainable: run one trial, reporting each epoch with a resume checkpoint."""
+    import torch
+    from ray import tune
+
+    from dtsweep.train import TrialRunner, set_threads_for_trial
+
+    config = config["job"]
+    trial = Trial.from_dict(config["trial"])
+    set_threads_for_trial(trial.resources.cpu)
+    runner = TrialRunner(trial, Store(config["sweep_dir"]))
+
+    checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = tune.Checkpoint(config["resume_from"])  # left by an earlier driver
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            runner.load_resume_state(torch.load(Path(d) / RESUME_FILE, weights_only=True))
+
+    def report(row: dict, r: TrialRunner) -> None:
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+        metrics["epochs_total"] = trial.epochs
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(r.resume_state(), Path(d) / RESUME_FILE)
+            (Path(d) / "resume.json").write_text(json.dumps({"trial_id": r.tid, "epoch": r.epoch}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    runner.run(on_epoch=report)
+
+
+# --------------------------------------------------------------------------------------
+# Ledger: what is finished, what failed, where to resume
+# --------------------------------------------------------------------------------------
+
+
+def epochs_done(store: Store, trial_id: str) -> int:
+    """Highest epoch with a metrics row (-1 if none)."""
+    rel = f"metrics/{trial_id}.parquet"
+    if not store.exists(rel):
+        return -1
+    epochs = store.read_table(rel, columns=["epoch"]).column("epoch").to_pylist()
+    return max(epochs, default=-1)
+
+
+def read_ledger(store: Store) -> pd.DataFrame:
+    if store.exists("trials.parquet"):
+        return store.read_pandas("trials.parquet")
+    return TRIALS_SCHEMA.empty_table().to_pandas()
+
+
+def trial_row(t: Trial, status: str, done: int, error: str | None = None) -> dict:
+    return {
+        **t.columns(),
+        "epochs": t.epochs,
+        "status": status,
+        "epochs_done": max(done, 0),
+        "error": error,
+        "updated_at": dt.datetime.now(dt.timezone.utc),
+        "config_json": json.dumps(t.to_dict(), sort_keys=True),
+    }
+
+
+class Ledger:
+    """trials.parquet, rewritten atomically whenever a trial changes state."""
+
+    def __init__(self, store: Store, trials: list[Trial]):
+        self.store = store
+        self.trials = {t.trial_id: t for t in trials}
+        old = read_ledger(store)
+        # Trials of earlier runs of this sweep that the current spec no longer lists stay.
+        self.rows: dict[str, dict] = {r["trial_id"]: r for r in old.to_dict("records")}
+        for tid, t in self.trials.items():
+            prev = self.rows.get(tid)
+            done = epochs_done(store, tid)
+            if done >= t.epochs:
+                status, err = "finished", None
+            elif prev is not None and prev["status"] == "failed":
+                status, err = "failed", prev["error"]
+            else:
+                status, err = "pending", None
+            self.rows[tid] = trial_row(t, status, done, err)
+
+    def status(self, tid: str) -> str:
+        return self.rows[tid]["status"]
+
+    def set(self, tid: str, status: str, error: str | None = None) -> None:
+        self.rows[tid] = trial_row(self.trials[tid], status, epochs_done(self.store, tid), error)
+        self.write()
+
+    def write(self) -> None:
+        rows = sorted(self.rows.values(), key=lambda r: r["trial_id"])
+        self.store.write_table("trials.parquet", table_from_rows(rows, TRIALS_SCHEMA))
+
+
+def latest_resume_checkpoints(store: Store) -> dict[str, tuple[int, str]]:
+    """trial_id -> (epoch, checkpoint dir) of the newest Tune checkpoint of earlier runs."""
+    best: dict[str, tuple[int, str]] = {}
+    for run in store.list_dirs(TUNE_DIR):
+        for tid in store.list_dirs(f"{TUNE_DIR}/{run}"):
+            for ck in store.list_dirs(f"{TUNE_DIR}/{run}/{tid}"):
+                if not ck.startswith("checkpoint_"):
+                    continue
+                rel = f"{TUNE_DIR}/{run}/{tid}/{ck}"
+                if not store.exists(f"{rel}/resume.json") or not store.exists(f"{rel}/{RESUME_FILE}"):
+                    continue
+                epoch = json.loads(store.read_bytes(f"{rel}/resume.json"))["epoch"]
+                if epoch > best.get(tid, (-1, ""))[0]:
+                    best[tid] = (epoch, store.uri(rel))
+    return best
+
+
+# --------------------------------------------------------------------------------------
+# Compaction: metrics.parquet and checkpoints.parquet
+# --------------------------------------------------------------------------------------
+
+
+def compact(store: Store) -> None:
+    """Concatenate per-trial metrics and checkpoint indexes into the two top-level files."""
+    tables = [store.read_table(p) for p in store.list("metrics", ".parquet")]
+    metrics = pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
+    metrics = metrics.sort_by([("trial_id", "ascending"), ("epoch", "ascending")])
+    store.write_table("metrics.parquet", metrics)
+    idx = [store.read_table(f"checkpoints/{tid}/index.parquet") for tid in store.list_dirs("checkpoints")
+           if store.exists(f"checkpoints/{tid}/index.parquet")]  # fmt: skip
+    ck = pa.concat_tables(idx) if idx else CHECKPOINTS_SCHEMA.empty_table()
+    store.write_table("checkpoints.parquet", ck.sort_by([("trial_id", "ascending"), ("epoch", "ascending")]))
+
+
+# --------------------------------------------------------------------------------------
+# Progress and ledger updates from the driver
+# --------------------------------------------------------------------------------------
+
+
+def _progress_callback(ledger: Ledger, n_total: int, n_skipped: int, stream=sys.stderr):
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.t0 = time.time()
+            self.done = n_skipped
+            self.failed = 0
+
+        def _line(self, msg: str) -> None:
+            el = time.time() - self.t0
+            print(f"[dtsweep {el:6.0f}s] {self.done}/{n_total} done, {self.failed} failed | {msg}", file=stream, flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            t = ledger.trials[trial.config["job"]["trial_id"]]
+            ledger.set(t.trial_id, "running")
+            self._line(f"start {t.trial_id} {_describe(t)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            t = ledger.trials[trial.config["job"]["trial_id"]]
+            score = result.get("normalized_score")
+            s = f" score {score:.1f}" if isinstance(score, float) else ""
+            self._line(f"{t.trial_id} epoch {result.get('epoch')}/{t.epochs}{s}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            tid = trial.config["job"]["trial_id"]
+            self.done += 1
+            ledger.set(tid, "finished")
+            self._line(f"finished {tid}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            tid = trial.config["job"]["trial_id"]
+            self.failed += 1
+            ledger.set(tid, "failed", _error_line(trial))
+            self._line(f"FAILED {tid}: {_error_line(trial)}")
+
+    return Progress()
+
+
+def _describe(t: Trial) -> str:
+    swap = f" swap={t.swap_block}" if t.swap_block is not None else ""
+    return f"({t.init} {t.dataset} K={t.context_len}{swap} seed={t.seed})"
+
+
+def _error_line(trial) -> str:
+    """One line for the ledger: the exception type and message from Tune's error file."""
+    path = getattr(trial, "error_file", None) or ""
+    text = ""
+    if path and os.path.exists(path):
+        text = Path(path).read_text().strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Tune's error file ends with the exception's last line ("ValueError: ...").
+    return (lines[-1] if lines else "unknown error (see Ray logs)")[:500]
+
+
+# --------------------------------------------------------------------------------------
+# run / status
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    sweep_dir: str
+    total: int
+    skipped: int  # already finished before this run
+    ran: int
+    finished: int
+    failed: int
+
+
+def prepare_datasets(trials: list[Trial]) -> None:
+    """Resolve (and generate offline, if needed) every dataset before any trial starts."""
+    from dtsweep.data import resolve_dataset
+
+    for name, steps, seed in sorted({(t.dataset, t.data.steps, t.data.seed) for t in trials}):
+        resolve_dataset(name, steps=steps, seed=seed)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    address: str | None = None,
+    retry_failed: bool = False,
+    log=print,
+) -> RunSummary:
+    """Train every unfinished trial of `spec`; returns counts. Idempotent and resumable."""
+    store = Store(spec.sweep_dir)
+    trials = spec.trials()
+    store.check_writable()
+    if not store.exists("sweep.yaml") or store.read_bytes("sweep.yaml").decode() != resolved_yaml(spec):
+        store.write_bytes("sweep.yaml", resolved_yaml(spec).encode())
+
+    ledger = Ledger(store, trials)
+    todo = [t for t in trials if ledger.status(t.trial_id) == "pending"
+            or (retry_failed and ledger.status(t.trial_id) == "failed")]  # fmt: skip
+    n_finished = sum(ledger.status(t.trial_id) == "finished" for t in trials)
+    n_failed_kept = sum(ledger.status(t.trial_id) == "failed" for t in trials) if not retry_failed else 0
+    log(f"sweep {spec.name}: {len(trials)} trials, {n_finished} finished, {len(todo)} to run"
+        + (f", {n_failed_kept} failed (rerun with --retry-failed)" if n_failed_kept else "")
+        + f" -> {store.uri()}")  # fmt: skip
+    if not todo:
+        if not store.exists("metrics.parquet") or not store.exists("checkpoints.parquet"):
+            ledger.write()
+            compact(store)
+        return RunSummary(store.uri(), len(trials), n_finished, 0, n_finished, n_failed_kept)
+
+    for t in todo:
+        ledger.rows[t.trial_id]["status"] = "pending"
+        ledger.rows[t.trial_id]["error"] = None
+    ledger.write()
+    prepare_datasets(todo)
+
+    results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished)
+
+    finished = failed = 0
+    for t in todo:
+        done = epochs_done(store, t.trial_id)
+        err = results.get(t.trial_id)
+        if done >= t.epochs and err is None:
+            ledger.rows[t.trial_id] = trial_row(t, "finished", done)
+            finished += 1
+        else:
+            ledger.rows[t.trial_id] = trial_row(t, "failed", done, err or "did not finish")
+            failed += 1
+    ledger.write()
+    compact(store)
+    log(f"sweep {spec.name}: {finished} trials finished, {failed} failed this run; outputs in {store.uri()}")
+    return RunSummary(store.uri(), len(trials), n_finished, len(todo), n_finished + finished, failed + n_failed_kept)
+
+
+def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_total, n_skipped) -> dict[str, str | None]:
+    """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine)."""
+    import ray
+    from ray import tune
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(address, num_cpus=spec.ray.num_cpus)
+    try:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        resume = latest_resume_checkpoints(store)
+
+        def resources(config: dict):
+            r = config["job"]["trial"]["resources"]
+            bundle = {"CPU": r["cpu"]}
+            if has_gpu and r["gpu"] > 0:
+                bundle["GPU"] = r["gpu"]
+            return tune.PlacementGroupFactory([bundle])
+
+        configs = []
+        for t in todo:
+            d = t.to_dict()
+            if not has_gpu:
+                d["resources"]["gpu"] = 0.0
+            c = {"trial_id": t.trial_id, "trial": d, "sweep_dir": store.uri()}
+            if t.trial_id in resume:
+                c["resume_from"] = resume[t.trial_id][1]
+            configs.append(c)
+
+        run_name = dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        tuner = tune.Tuner(
+            tune.with_resources(train_trial, resources),
+            param_space={"job": tune.grid_search(configs)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.ray.max_concurrent_trials,
+                trial_name_creator=lambda tr: tr.config["job"]["trial_id"],
+                trial_dirname_creator=lambda tr: tr.config["job"]["trial_id"],
+            ),
+            run_config=tune.RunConfig(
+                name=run_name,
+                storage_path=store.uri(TUNE_DIR),
+                failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_progress_callback(ledger, n_total, n_skipped)],
+                verbose=0,
+            ),
+        )
+        grid = tuner.fit()
+        out = {}
+        for res in grid:
+            tid = res.config["job"]["trial_id"]
+            out[tid] = None if res.error is None else f"{type(res.error).__name__}: {res.error}".splitlines()[0][:500]
+        return out
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray without dashboard."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def sweep_status(sweep_dir: str) -> dict:
+    """Counts by status and failures with their reasons, read from the sweep directory."""
+    store = Store(sweep_dir)
+    if not store.exists("trials.parquet"):
+        raise FileNotFoundError(f"{sweep_dir}: no trials.parquet (not a dtsweep sweep directory, or never run)")
+    df = read_ledger(store)
+    # A driver killed mid-run leaves "running"/"pending": the metrics files say how far each got.
+    done = {tid: epochs_done(store, tid) for tid in df["trial_id"]}
+    status = [
+        "finished" if done[r.trial_id] >= r.epochs else r.status
+        for r in df.itertuples()
+    ]
+    df = df.assign(status=status, epochs_done=[max(done[t], 0) for t in df["trial_id"]])
+    counts = df["status"].value_counts().to_dict()
+    failures = df[df["status"] == "failed"][["trial_id", "init", "dataset", "context_len", "swap_block", "seed", "error"]]
+    return {
+        "sweep_dir": store.uri(),
+        "total": int(len(df)),
+        "counts": {k: int(v) for k, v in counts.items()},
+        "failures": failures.to_dict("records"),
+        "trials": df[["trial_id", "study", "init", "dataset", "context_len", "swap_block", "seed", "status", "epochs_done", "epochs"]],
+    }

@@ -1,0 +1,237 @@
+"""One trial, top to bottom: data prepared once, model built from the seed, epochs of
+training, batched evaluation, metrics rows and analysis checkpoints.
+
+This module knows nothing about Ray: `orchestrate.py` wraps `TrialRunner` in a Tune
+trainable and turns `resume_state()` into Tune checkpoints. The runner writes its own
+outputs into the sweep directory (`Store`):
+
+    metrics/<trial_id>.parquet               all rows so far, replaced atomically each epoch
+    checkpoints/<trial_id>/epoch=<n>.parquet model weights at the analysis epochs
+    checkpoints/<trial_id>/index.parquet     trial_id, epoch, path, n_params, nbytes, sha256
+
+Epoch 0 is the model before any update (its row has action_error but no train loss and
+no evaluation); epoch n is the model after n × steps_per_epoch updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Callable
+
+import torch
+
+from dtsweep.data import WindowSampler, load_dataset, split_trajectories
+from dtsweep.envs import ENVS, normalized_score
+from dtsweep.models import backbone_config_dict, build_decision_transformer
+from dtsweep.spec import Trial
+from dtsweep.store import CHECKPOINTS_SCHEMA, METRICS_SCHEMA, Store, table_from_rows, write_checkpoint
+from dtsweep.train.evaluate import evaluate_episodes
+
+# The action-error probe is the same fixed windows for every seed of a dataset, so curves
+# of different seeds and inits are measured on identical inputs.
+PROBE_SEED = 12345
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TrialRunner:
+    """Everything one trial needs, prepared once; `run()` trains from wherever it stands."""
+
+    def __init__(self, trial: Trial, store: Store, device: torch.device | None = None):
+        self.trial, self.store = trial, store
+        self.device = device or pick_device()
+        self.tid = trial.trial_id
+        tc = trial.train
+        info = ENVS[trial.env]
+
+        arrays = load_dataset(trial.dataset, steps=trial.data.steps, seed=trial.data.seed)
+        self.traj = split_trajectories(arrays, max_ep_len=tc.max_ep_len)
+        self.sampler = WindowSampler(
+            self.traj, trial.context_len, tc.batch_size, seed=trial.seed, rtg_scale=tc.rtg_scale, device=self.device
+        )
+        self.probe = self.sampler.fixed_batch(trial.eval.action_error_samples, seed=PROBE_SEED)
+
+        self.model = build_decision_transformer(
+            trial.init,
+            state_dim=info.obs_dim,
+            act_dim=info.act_dim,
+            seed=trial.seed,
+            context_len=trial.context_len,
+            dropout=(tc.dropout.resid, tc.dropout.attn, tc.dropout.embd),
+            overrides=trial.model or None,
+            swap_block=trial.swap_block,
+            swap_from=trial.swap_from or "gpt2",
+            max_ep_len=tc.max_ep_len,
+            position_embeddings=tc.position_embeddings,
+            timestep_embedding=tc.timestep_embedding,
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        warmup = max(tc.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min((s + 1) / warmup, 1.0))
+        # Dropout masks depend on this generator; it is saved with the resume state.
+        torch.manual_seed(trial.seed)
+
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.wall_time_s = 0.0  # training + evaluation time, summed across restarts
+        self.rows: list[dict] = []
+        self.checkpoint_rows: list[dict] = []
+
+    # ---- resume state (plain tensors/containers: loads with torch.load(weights_only=True))
+
+    def resume_state(self) -> dict:
+        return {
+            "trial_id": self.tid,
+            "epoch": self.epoch,
+            "step": self.step,
+            "wall_time_s": self.wall_time_s,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+            "rows": json.dumps(self.rows),
+            "checkpoint_rows": json.dumps(self.checkpoint_rows),
+        }
+
+    def load_resume_state(self, state: dict) -> None:
+        if state["trial_id"] != self.tid:
+            raise ValueError(f"resume state of trial {state['trial_id']} given to trial {self.tid}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.wall_time_s = float(state["wall_time_s"])
+        # Rows written after this state (a crash between the metrics write and the Tune
+        # report) are dropped here and recomputed, so each epoch has exactly one row.
+        self.rows = json.loads(state["rows"])
+        self.checkpoint_rows = json.loads(state["checkpoint_rows"])
+        self._write_metrics()
+
+    # ---- the loop
+
+    def run(self, on_epoch: Callable[[dict, "TrialRunner"], None] | None = None) -> list[dict]:
+        """Train until `trial.epochs`; after each epoch write outputs, then call on_epoch(row, self)."""
+        if self.epoch == 0 and not self.rows:
+            self._finish_epoch(train_loss=None, evaluate=False, on_epoch=on_epoch)
+        while self.epoch < self.trial.epochs:
+            t0 = time.perf_counter()
+            loss = self.train_epoch()
+            self.wall_time_s += time.perf_counter() - t0
+            self.epoch += 1
+            self._finish_epoch(train_loss=loss, evaluate=True, on_epoch=on_epoch)
+        return self.rows
+
+    def train_epoch(self) -> float:
+        tc = self.trial.train
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for _ in range(tc.steps_per_epoch):
+            batch = self.sampler.sample()
+            loss = self._action_loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            total += loss.detach()  # no .item() per step: keeps GPU steps asynchronous
+        return float(total) / tc.steps_per_epoch
+
+    def _action_loss(self, batch: dict) -> torch.Tensor:
+        """Mean squared action error over the valid (unpadded) timesteps."""
+        preds = self.model(**batch).action_preds
+        mask = batch["attention_mask"].bool()
+        return ((preds - batch["actions"]) ** 2)[mask].mean()
+
+    @torch.no_grad()
+    def action_error(self) -> float:
+        was = self.model.training
+        self.model.eval()
+        err = self._action_loss(self.probe).item()
+        self.model.train(was)
+        return err
+
+    def evaluate(self) -> dict:
+        t, ev = self.trial, self.trial.eval
+        res = evaluate_episodes(
+            self.model,
+            t.env,
+            n_episodes=ev.episodes,
+            seed=t.seed * 100_003 + self.epoch * 1_009,  # distinct per (seed, epoch)
+            target_return=t.target_return,
+            state_mean=self.traj.state_mean,
+            state_std=self.traj.state_std,
+            context_len=t.context_len,
+            rtg_scale=t.train.rtg_scale,
+            max_steps=ev.max_steps,
+            max_ep_len=t.train.max_ep_len,
+            device=self.device,
+        )
+        return {
+            "eval_return_mean": float(res.returns.mean()),
+            "eval_return_std": float(res.returns.std()),
+            "eval_length_mean": float(res.lengths.mean()),
+            "normalized_score": normalized_score(t.env, float(res.returns.mean())),
+        }
+
+    def _finish_epoch(self, *, train_loss, evaluate: bool, on_epoch) -> None:
+        t0 = time.perf_counter()
+        row = {
+            **self.trial.columns(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": train_loss,
+            "action_error": self.action_error(),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        if evaluate:
+            row.update(self.evaluate())
+        if not math.isfinite(row["action_error"]):
+            raise FloatingPointError(f"trial {self.tid}: action error is {row['action_error']} at epoch {self.epoch}")
+        if self.epoch in self.trial.checkpoint_epochs:
+            self._write_checkpoint()
+        self.wall_time_s += time.perf_counter() - t0
+        row["wall_time_s"] = self.wall_time_s
+        self.rows = [r for r in self.rows if r["epoch"] < self.epoch] + [row]
+        self._write_metrics()
+        if on_epoch is not None:
+            on_epoch(row, self)
+
+    # ---- outputs
+
+    def _write_metrics(self) -> None:
+        self.store.write_table(f"metrics/{self.tid}.parquet", table_from_rows(self.rows, METRICS_SCHEMA))
+
+    def _write_checkpoint(self) -> None:
+        rel = f"checkpoints/{self.tid}/epoch={self.epoch}.parquet"
+        info = ENVS[self.trial.env]
+        meta = {
+            "trial_id": self.tid,
+            "epoch": self.epoch,
+            "step": self.step,
+            "state_dim": info.obs_dim,
+            "act_dim": info.act_dim,
+            "backbone_config": backbone_config_dict(self.model),
+            "trial": self.trial.to_dict(),
+        }
+        stats = write_checkpoint(self.store, rel, self.model.state_dict(), meta)
+        row = {"trial_id": self.tid, "epoch": self.epoch, "path": self.store.uri(rel), **stats}
+        self.checkpoint_rows = [r for r in self.checkpoint_rows if r["epoch"] != self.epoch] + [row]
+        self.store.write_table(
+            f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA)
+        )
+
+
+def set_threads_for_trial(num_cpus: float) -> None:
+    """Match torch's intra-op threads to the CPUs Ray gave the trial (avoids oversubscription)."""
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
