@@ -173,7 +173,7 @@ def compact(store: Store) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _progress_callback(ledger: Ledger, n_total: int, n_skipped: int, stream=sys.stderr):
+def _progress_callback(ledger: Ledger, n_total: int, n_skipped: int):
     from ray import tune
 
     class Progress(tune.Callback):
@@ -184,7 +184,7 @@ def _progress_callback(ledger: Ledger, n_total: int, n_skipped: int, stream=sys.
 
         def _line(self, msg: str) -> None:
             el = time.time() - self.t0
-            print(f"[dtsweep {el:6.0f}s] {self.done}/{n_total} done, {self.failed} failed | {msg}", file=stream, flush=True)
+            print(f"[dtsweep {el:6.0f}s] {self.done}/{n_total} done, {self.failed} failed | {msg}", file=sys.stderr, flush=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             t = ledger.trials[trial.config["job"]["trial_id"]]

@@ -194,8 +194,9 @@ class TrialRunner:
         }
         if evaluate:
             row.update(self.evaluate())
-        if not math.isfinite(row["action_error"]):
-            raise FloatingPointError(f"trial {self.tid}: action error is {row['action_error']} at epoch {self.epoch}")
+        for key in ("train_loss", "action_error"):
+            if row[key] is not None and not math.isfinite(row[key]):
+                raise FloatingPointError(f"trial {self.tid}: {key} is {row[key]} at epoch {self.epoch} (diverged)")
         if self.epoch in self.trial.checkpoint_epochs:
             self._write_checkpoint()
         self.wall_time_s += time.perf_counter() - t0

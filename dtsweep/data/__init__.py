@@ -1,0 +1,69 @@
+"""Offline RL data: D4RL's HDF5 layout, dataset resolution/generation, trajectory windows.
+
+    arrays = load_dataset("hopper-medium")             # or a path, "hopper-medium-v2", "minari:..."
+    traj = split_trajectories(arrays)                  # flat steps + episodes + returns-to-go
+    sampler = WindowSampler(traj, context_len=20, batch_size=64, seed=0)
+    batch = sampler.sample()                           # dict of [B, K, ...] tensors
+"""
+
+from dtsweep.data.d4rl import (
+    CARD_ATTR,
+    D4RL_KEYS,
+    DEFAULT_STEPS,
+    DatasetNotFoundError,
+    d4rl_dir,
+    d4rl_file_name,
+    dtsweep_dir,
+    episode_bounds,
+    generated_file_name,
+    generators,
+    load_dataset,
+    make_dataset,
+    read_d4rl_hdf5,
+    read_dataset_card,
+    register_generator,
+    resolve_dataset,
+    write_d4rl_hdf5,
+)
+from dtsweep.data.generate import (
+    dataset_card,
+    make_random_dataset,
+    rollout_dataset,
+    uniform_policy,
+)
+from dtsweep.data.trajectories import (
+    Trajectories,
+    WindowSampler,
+    returns_to_go,
+    split_trajectories,
+    window_batch,
+)
+
+__all__ = [
+    "CARD_ATTR",
+    "D4RL_KEYS",
+    "DEFAULT_STEPS",
+    "DatasetNotFoundError",
+    "Trajectories",
+    "WindowSampler",
+    "d4rl_dir",
+    "d4rl_file_name",
+    "dataset_card",
+    "dtsweep_dir",
+    "episode_bounds",
+    "generated_file_name",
+    "generators",
+    "load_dataset",
+    "make_dataset",
+    "make_random_dataset",
+    "read_d4rl_hdf5",
+    "read_dataset_card",
+    "register_generator",
+    "resolve_dataset",
+    "returns_to_go",
+    "rollout_dataset",
+    "split_trajectories",
+    "uniform_policy",
+    "window_batch",
+    "write_d4rl_hdf5",
+]

@@ -1,0 +1,414 @@
+"""D4RL's HDF5 layout: read, write, and find a dataset by name.
+
+A dataset is a dict of flat arrays, one row per environment step, in D4RL's layout:
+
+    observations      [N, S] float32   s_t
+    next_observations [N, S] float32   s_{t+1} (the true last observation at an episode's end)
+    actions           [N, A] float32   a_t
+    rewards           [N]    float32   r_t
+    terminals         [N]    bool      the episode really ended at this step (s_{t+1} is terminal)
+    timeouts          [N]    bool      the episode was cut at this step (time limit), not ended
+
+Episodes are stored one after another; an episode ends at a row where terminals | timeouts.
+A trailing episode with neither flag set is unfinished (D4RL's files have one).
+
+`resolve_dataset(name)` turns a name into a file path. It tries, in order:
+
+  (a) `name` is an existing file: that file.
+  (b) D4RL's cache, `$D4RL_DATASET_DIR` or `~/.d4rl/datasets/`, under D4RL's file name:
+      `hopper-medium-v2` -> `hopper_medium-v2.hdf5`. An unversioned name (`hopper-medium`)
+      looks for the `-v2` file, so real D4RL data wins over generated data when present.
+  (c) dtsweep's cache, `$DTSWEEP_DATA_DIR` or `~/.cache/dtsweep/datasets/`, for a dataset
+      dtsweep generated: `hopper-random_steps=1000000_seed=0.hdf5`.
+  (d) Unversioned names (`hopper-random`): generated offline into (c) by the generator
+      registered for the quality (`register_generator`; built in: `random` from
+      dtsweep.data.generate, `medium` from dtsweep.data.behaviour), when `generate=True`.
+      A file lock makes concurrent callers generate once; the file appears atomically.
+  (e) Versioned names (`hopper-medium-v2`): the `d4rl` package if importable
+      (`gym.make(name).get_dataset()`), else D4RL's URL, downloaded into D4RL's cache (b).
+      `DTSWEEP_OFFLINE=1` (or `download=False`) skips this step: no network at all.
+  (f) `minari:<dataset id>`: loaded with the optional `minari` package, converted to this
+      layout and cached in (c) as `minari_<id>.hdf5`.
+
+Anything else raises `DatasetNotFoundError`, whose message says how to get the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dtsweep.envs import parse_dataset
+
+D4RL_KEYS = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+D4RL_DTYPES = {
+    "observations": np.float32,
+    "next_observations": np.float32,
+    "actions": np.float32,
+    "rewards": np.float32,
+    "terminals": np.bool_,
+    "timeouts": np.bool_,
+}
+CARD_ATTR = "dtsweep_card"  # file attribute holding the JSON dataset card of generated files
+
+# D4RL's datasets have 1M steps; a generated dataset has the same size unless asked otherwise.
+DEFAULT_STEPS = 1_000_000
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}"
+DOWNLOAD_TIMEOUT_S = 15.0
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No file for a dataset name, and no way to make or fetch one here."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing the HDF5 layout
+
+
+def write_d4rl_hdf5(path, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+    """Write `arrays` (the keys of D4RL_KEYS present in it) to `path` in D4RL's layout.
+
+    Arrays are cast to D4RL's dtypes. `attrs` become file attributes; dict or list values are
+    stored as JSON strings. The file is written to a temporary name in the same folder and
+    renamed into place, so readers never see a half-written file.
+    """
+    path = pathlib.Path(path)
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise KeyError(f"cannot write {path}: missing D4RL keys {missing}")
+    n = len(arrays["observations"])
+    for key in D4RL_KEYS:
+        if key in arrays and len(arrays[key]) != n:
+            raise ValueError(
+                f"cannot write {path}: {key} has {len(arrays[key])} rows, expected {n}"
+            )
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key in D4RL_KEYS:
+                if key in arrays:
+                    data = np.asarray(arrays[key], dtype=D4RL_DTYPES[key])
+                    # No timestamps: the same content gives the same bytes.
+                    f.create_dataset(key, data=data, track_times=False)
+            for name, value in (attrs or {}).items():
+                f.attrs[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_d4rl_hdf5(path) -> dict[str, np.ndarray]:
+    """Read a D4RL-layout HDF5 file into a dict of arrays with D4RL's dtypes.
+
+    Required keys: observations [N, S], actions [N, A], rewards [N], terminals [N],
+    timeouts [N]; next_observations [N, S] is returned when the file has it. Other datasets in
+    the file (D4RL's `infos/`, `metadata/`) are ignored.
+    """
+    path = pathlib.Path(path)
+    with h5py.File(path, "r") as f:
+        missing = [k for k in REQUIRED_KEYS if k not in f]
+        if missing:
+            raise KeyError(
+                f"{path} is not a D4RL dataset: missing {missing} (has {sorted(f.keys())})"
+            )
+        out = {k: np.asarray(f[k][()], dtype=D4RL_DTYPES[k]) for k in D4RL_KEYS if k in f}
+    n = len(out["observations"])
+    for key in ("rewards", "terminals", "timeouts"):
+        out[key] = out[key].reshape(-1)  # some writers store [N, 1]
+    for key, value in out.items():
+        if len(value) != n:
+            raise ValueError(f"{path}: {key} has {len(value)} rows, observations has {n}")
+    return out
+
+
+def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Episode (starts [E], lengths [E]) int64 from the per-step end flags [N].
+
+    An episode ends at a step where terminals | timeouts; steps after the last flag form a
+    trailing unfinished episode, which is kept.
+    """
+    done = np.asarray(terminals, dtype=bool) | np.asarray(timeouts, dtype=bool)
+    n = len(done)
+    ends = np.flatnonzero(done) + 1  # one past each episode's last row
+    if n and (len(ends) == 0 or ends[-1] != n):
+        ends = np.append(ends, n)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return starts, (ends - starts).astype(np.int64)
+
+
+def read_dataset_card(path) -> dict | None:
+    """The JSON dataset card that dtsweep stored in a generated file, or None (e.g. D4RL's)."""
+    with h5py.File(path, "r") as f:
+        raw = f.attrs.get(CARD_ATTR)
+    return None if raw is None else json.loads(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators for offline datasets
+
+
+# quality -> fn(env, steps, seed, out_path) -> card, or "module:function" imported on first use
+# (so registering a generator that needs torch does not import torch with the data layer).
+_GENERATORS: dict[str, Callable[..., dict] | str] = {
+    "random": "dtsweep.data.generate:make_random_dataset",
+    "medium": "dtsweep.data.behaviour:make_medium_dataset",
+}
+
+
+def register_generator(quality: str, fn: Callable[..., dict] | str) -> None:
+    """Register the offline generator for a dataset quality ("random", "medium", ...).
+
+    `fn(env: str, steps: int, seed: int, out_path: pathlib.Path) -> dict` writes the dataset
+    with `write_d4rl_hdf5` and returns its card. `fn` may also be a "module:function" string,
+    imported when first needed.
+    """
+    _GENERATORS[quality] = fn
+
+
+def generators() -> dict[str, Callable[..., dict] | str]:
+    """The registered generators, quality -> function or "module:function"."""
+    return dict(_GENERATORS)
+
+
+def _generator(quality: str) -> Callable[..., dict] | None:
+    fn = _GENERATORS.get(quality)
+    if isinstance(fn, str):
+        module, _, attr = fn.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+    return fn
+
+
+def make_dataset(name: str, *, steps: int, seed: int, out_path) -> dict:
+    """Generate the unversioned dataset `name` (e.g. "hopper-random") into `out_path`.
+
+    Returns the dataset card. This is what `python -m dtsweep data make` runs.
+    """
+    env, quality, version = parse_dataset(name)
+    if version is not None:
+        raise ValueError(
+            f"{name!r} names a D4RL release; generated datasets are unversioned "
+            f"(use {env}-{quality})"
+        )
+    fn = _generator(quality)
+    if fn is None:
+        raise DatasetNotFoundError(
+            f"no generator for {quality!r} datasets (have: {sorted(_GENERATORS)})"
+        )
+    return fn(env, int(steps), int(seed), pathlib.Path(out_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Name resolution
+
+
+def d4rl_dir() -> pathlib.Path:
+    """D4RL's dataset cache: $D4RL_DATASET_DIR or ~/.d4rl/datasets (as the d4rl package)."""
+    return pathlib.Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+
+
+def dtsweep_dir() -> pathlib.Path:
+    """dtsweep's dataset cache: $DTSWEEP_DATA_DIR or ~/.cache/dtsweep/datasets."""
+    default = "~/.cache/dtsweep/datasets"
+    return pathlib.Path(os.environ.get("DTSWEEP_DATA_DIR", default)).expanduser()
+
+
+def d4rl_file_name(name: str) -> str:
+    """D4RL's file name: "walker2d-medium-replay-v2" -> "walker2d_medium_replay-v2.hdf5".
+
+    Unversioned names map to the v2 release.
+    """
+    env, quality, version = parse_dataset(name)
+    return f"{env}_{quality.replace('-', '_')}-{version or 'v2'}.hdf5"
+
+
+def generated_file_name(name: str, steps: int, seed: int) -> str:
+    """dtsweep's cache file name for a generated dataset: "hopper-random_steps=N_seed=S.hdf5"."""
+    return f"{name}_steps={int(steps)}_seed={int(seed)}.hdf5"
+
+
+def offline() -> bool:
+    """True when $DTSWEEP_OFFLINE is set to a true value: never touch the network."""
+    return os.environ.get("DTSWEEP_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_dataset(
+    name: str,
+    *,
+    generate: bool = True,
+    steps: int | None = None,
+    seed: int = 0,
+    download: bool | None = None,
+) -> pathlib.Path:
+    """Path of the HDF5 file for dataset `name`, generating or downloading it if needed.
+
+    The order of the search is in the module docstring. `steps` (default DEFAULT_STEPS) and
+    `seed` only matter for generated datasets. `download=None` means "unless
+    $DTSWEEP_OFFLINE is set".
+    """
+    if download is None:
+        download = not offline()
+
+    if name.startswith("minari:"):
+        return _resolve_minari(name.removeprefix("minari:"), download=download)
+
+    path = pathlib.Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in (".hdf5", ".h5") or os.sep in name:
+        raise DatasetNotFoundError(f"dataset file {path} does not exist")
+
+    try:
+        env, quality, version = parse_dataset(name)
+    except ValueError as e:
+        raise DatasetNotFoundError(f"{name!r} is neither a file nor a dataset name: {e}") from e
+    d4rl_path = d4rl_dir() / d4rl_file_name(name)
+    if d4rl_path.is_file():
+        return d4rl_path
+
+    if version is None:
+        steps = DEFAULT_STEPS if steps is None else int(steps)
+        out = dtsweep_dir() / generated_file_name(name, steps, seed)
+        if out.is_file():
+            return out
+        make_cmd = (
+            f"python -m dtsweep data make {name} --steps {steps} --seed {seed} --out {out}"
+        )
+        if quality not in _GENERATORS:
+            raise DatasetNotFoundError(
+                f"dataset {name!r}: no offline generator for {quality!r} (have "
+                f"{sorted(_GENERATORS)}); put D4RL's {d4rl_path.name} in {d4rl_path.parent}"
+            )
+        if not generate:
+            raise DatasetNotFoundError(f"dataset {name!r} not generated yet; run: {make_cmd}")
+        return _generate_once(name, steps, seed, out)
+
+    why = "offline"
+    if download:
+        try:
+            return _fetch_d4rl(name, d4rl_path)
+        except OSError as e:  # no network, HTTP error, timeout, or d4rl's download failing
+            why = f"download failed: {e}"
+    source = f" (from {D4RL_URL.format(file=d4rl_path.name)})" if version == "v2" else ""
+    raise DatasetNotFoundError(
+        f"dataset {name!r} not found ({why}): put D4RL's {d4rl_path.name} in "
+        f"{d4rl_path.parent}{source}, or use an offline dataset: "
+        f"python -m dtsweep data make {env}-{quality} --out PATH"
+    )
+
+
+def load_dataset(name: str, **kwargs: Any) -> dict[str, np.ndarray]:
+    """`read_d4rl_hdf5(resolve_dataset(name, **kwargs))`."""
+    return read_d4rl_hdf5(resolve_dataset(name, **kwargs))
+
+
+def _generate_once(name: str, steps: int, seed: int, out: pathlib.Path) -> pathlib.Path:
+    # Many trials on one machine ask for the same dataset at once: the first generates, the
+    # others wait on the lock and then find the file. The write itself is atomic anyway.
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not out.is_file():
+            make_dataset(name, steps=steps, seed=seed, out_path=out)
+    return out
+
+
+def _fetch_d4rl(name: str, dest: pathlib.Path) -> pathlib.Path:
+    """Fetch a versioned D4RL dataset into D4RL's cache (`dest`); OSError if it cannot."""
+    try:
+        import d4rl  # noqa: F401  (registers D4RL's envs with gym)
+        import gym
+    except ImportError:
+        pass
+    else:
+        arrays = gym.make(name).get_dataset()  # d4rl downloads into its cache (= dest)
+        if not dest.is_file():
+            write_d4rl_hdf5(dest, {k: arrays[k] for k in D4RL_KEYS if k in arrays})
+        return dest
+
+    if parse_dataset(name)[2] != "v2":
+        raise FileNotFoundError("only D4RL's v2 MuJoCo files have a known URL")
+    url = D4RL_URL.format(file=dest.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(
+            url, timeout=DOWNLOAD_TIMEOUT_S
+        ) as response:
+            shutil.copyfileobj(response, f, length=1 << 20)
+        os.replace(tmp, dest)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _resolve_minari(dataset_id: str, *, download: bool) -> pathlib.Path:
+    out = dtsweep_dir() / f"minari_{dataset_id.replace('/', '_')}.hdf5"
+    if out.is_file():
+        return out
+    try:
+        import minari
+    except ImportError as e:
+        raise DatasetNotFoundError(
+            f"dataset 'minari:{dataset_id}' needs the optional minari package: pip install minari"
+        ) from e
+    dataset = minari.load_dataset(dataset_id, download=download)
+    write_d4rl_hdf5(out, minari_to_d4rl(dataset.iterate_episodes()), {"minari_id": dataset_id})
+    return out
+
+
+def minari_to_d4rl(episodes) -> dict[str, np.ndarray]:
+    """Concatenate Minari episodes (observations [T+1, S], actions [T, A], rewards,
+    terminations, truncations [T]) into D4RL's layout."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in D4RL_KEYS}
+    for ep in episodes:
+        obs = np.asarray(ep.observations)
+        if obs.dtype == object or obs.ndim != 2:
+            raise ValueError("only Minari datasets with flat array observations are supported")
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions).reshape(len(obs) - 1, -1))
+        parts["rewards"].append(np.asarray(ep.rewards))
+        parts["terminals"].append(np.asarray(ep.terminations))
+        parts["timeouts"].append(np.asarray(ep.truncations) & ~np.asarray(ep.terminations))
+    if not parts["observations"]:
+        raise ValueError("Minari dataset has no episodes")
+    return {k: np.concatenate(v).astype(D4RL_DTYPES[k]) for k, v in parts.items()}
+
+
+__all__ = [
+    "CARD_ATTR",
+    "D4RL_KEYS",
+    "DEFAULT_STEPS",
+    "DatasetNotFoundError",
+    "d4rl_dir",
+    "d4rl_file_name",
+    "dtsweep_dir",
+    "episode_bounds",
+    "generated_file_name",
+    "generators",
+    "load_dataset",
+    "make_dataset",
+    "minari_to_d4rl",
+    "read_d4rl_hdf5",
+    "read_dataset_card",
+    "register_generator",
+    "resolve_dataset",
+    "write_d4rl_hdf5",
+]
