@@ -135,6 +135,60 @@ def cmd_data_make(args) -> int:
     return 0
 
 
+def cmd_data_train_behaviour(args) -> int:
+    from dtsweep.data import behaviour
+
+    argv = ["train", args.env, "--seed", str(args.seed), "--max-steps", str(args.max_steps)]
+    if args.out_dir:
+        argv += ["--out-dir", args.out_dir]
+    behaviour.main(argv)
+    return 0
+
+
+# ---- assets, diagnostics, report
+
+
+def cmd_assets(args) -> int:
+    from dtsweep.assets import list_assets, summary
+
+    assets = list_assets()
+    if args.json:
+        print(json.dumps(assets, indent=1))
+    else:
+        for a in assets:
+            print(summary(a))
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from dtsweep.diagnostics.job import KINDS, run_diagnostics
+
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"--kinds: unknown kind {unknown[0]!r}; allowed: {','.join(KINDS)}")
+    _require_sweep_dir(args.sweep_dir, "checkpoints.parquet")
+    out = run_diagnostics(args.sweep_dir, kinds)
+    for kind, path in out.items():
+        print(f"{kind:<10} {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dtsweep.report import write_report
+
+    _require_sweep_dir(args.sweep_dir, "trials.parquet")
+    print(write_report(args.sweep_dir))
+    return 0
+
+
+def _require_sweep_dir(sweep_dir: str, needed: str) -> None:
+    from dtsweep.store import Store
+
+    if not Store(sweep_dir).exists(needed):
+        raise UserError(f"{sweep_dir}: no {needed}; is it a sweep directory that `python -m dtsweep run` finished?")
+
+
 # ---- entry point
 
 
@@ -168,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="output .hdf5 path")
     q.set_defaults(func=cmd_data_make)
+    q = dsub.add_parser("train-behaviour", help="train the SAC behaviour policy behind ENV-medium (tens of minutes)")
+    q.add_argument("env", help="hopper, halfcheetah or walker2d")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-steps", type=int, default=400_000)
+    q.add_argument("--out-dir", help="default: the package's asset folder")
+    q.set_defaults(func=cmd_data_train_behaviour)
+
+    q = sub.add_parser("assets", help="list the pretrained models and behaviour policies shipped in the package")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_assets)
+
+    from dtsweep.pretrain import add_arguments as add_pretrain_arguments
+
+    add_pretrain_arguments(sub)
+
+    q = sub.add_parser("diagnose", help="Ray Data job: every diagnostic of the sweep's checkpoints -> diagnostics/*.parquet")
+    q.add_argument("sweep_dir")
+    q.add_argument("--kinds", help="comma-separated subset of cka,mine,params,gradients,attention (default: all)")
+    q.set_defaults(func=cmd_diagnose)
+
+    q = sub.add_parser("report", help="tables, figures and the papers' findings with seed CIs -> report/")
+    q.add_argument("sweep_dir")
+    q.set_defaults(func=cmd_report)
     return p
 
 

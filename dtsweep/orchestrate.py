@@ -353,6 +353,8 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
         grid = tuner.fit()
         out = {}
         for res in grid:
+            if not res.config:  # Tune returns config-less results after an interrupt
+                continue
             tid = res.config["job"]["trial_id"]
             out[tid] = None if res.error is None else f"{type(res.error).__name__}: {res.error}".splitlines()[0][:500]
         return out

@@ -1,0 +1,18 @@
+"""Mean CKA (epoch 0 vs final) per init and block, state token: a table from diagnostics.
+
+    python analysis/cka_by_block.py SWEEP_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sweep = Path(sys.argv[1])
+cka = pd.read_parquet(sweep / "diagnostics" / "cka.parquet")
+cka = cka[(cka["token"] == "state") & cka["swap_block"].isna()]
+
+# Average the 9 activations of a block per trial first, then the seeds: each seed counts once.
+per_trial = cka.groupby(["init", "env", "context_len", "seed", "block"])["cka"].mean().reset_index()
+table = per_trial.pivot_table(index="block", columns=["init", "env"], values="cka", aggfunc="mean")
+print(table.to_string(float_format="%.3f"))
