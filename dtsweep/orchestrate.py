@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from dtsweep.spec import SweepSpec, Trial, resolved_yaml
 from dtsweep.store import (
@@ -64,7 +65,9 @@ def train_trial(config: dict) -> None:
         metrics["epochs_total"] = trial.epochs
         with tempfile.TemporaryDirectory() as d:
             torch.save(r.resume_state(), Path(d) / RESUME_FILE)
-            (Path(d) / "resume.json").write_text(json.dumps({"trial_id": r.tid, "epoch": r.epoch}))
+            # The size lets a later driver tell a complete upload from one cut off mid-copy.
+            size = (Path(d) / RESUME_FILE).stat().st_size
+            (Path(d) / "resume.json").write_text(json.dumps({"trial_id": r.tid, "epoch": r.epoch, "resume_bytes": size}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     runner.run(on_epoch=report)
@@ -108,16 +111,17 @@ class Ledger:
     def __init__(self, store: Store, trials: list[Trial]):
         self.store = store
         self.trials = {t.trial_id: t for t in trials}
-        old = read_ledger(store)
+        old = store.read_table("trials.parquet").to_pylist() if store.exists("trials.parquet") else []
         # Trials of earlier runs of this sweep that the current spec no longer lists stay.
-        self.rows: dict[str, dict] = {r["trial_id"]: r for r in old.to_dict("records")}
+        self.rows: dict[str, dict] = {r["trial_id"]: r for r in old}
         for tid, t in self.trials.items():
             prev = self.rows.get(tid)
             done = epochs_done(store, tid)
             if done >= t.epochs:
                 status, err = "finished", None
-            elif prev is not None and prev["status"] == "failed":
-                status, err = "failed", prev["error"]
+            elif prev is not None and prev["status"] in ("failed", "stopped"):
+                # "stopped": ended early by a search's scheduler (ASHA); not to be rerun.
+                status, err = prev["status"], prev["error"]
             else:
                 status, err = "pending", None
             self.rows[tid] = trial_row(t, status, done, err)
@@ -135,7 +139,12 @@ class Ledger:
 
 
 def latest_resume_checkpoints(store: Store) -> dict[str, tuple[int, str]]:
-    """trial_id -> (epoch, checkpoint dir) of the newest Tune checkpoint of earlier runs."""
+    """trial_id -> (epoch, checkpoint dir) of the newest complete Tune checkpoint of earlier runs.
+
+    A driver or node killed while a worker uploads a checkpoint can leave a partial one;
+    it is skipped (resume.pt shorter than resume.json records) and an older one is used:
+    Tune deletes the previous checkpoint only after the new one has been reported.
+    """
     best: dict[str, tuple[int, str]] = {}
     for run in store.list_dirs(TUNE_DIR):
         for tid in store.list_dirs(f"{TUNE_DIR}/{run}"):
@@ -143,12 +152,24 @@ def latest_resume_checkpoints(store: Store) -> dict[str, tuple[int, str]]:
                 if not ck.startswith("checkpoint_"):
                     continue
                 rel = f"{TUNE_DIR}/{run}/{tid}/{ck}"
-                if not store.exists(f"{rel}/resume.json") or not store.exists(f"{rel}/{RESUME_FILE}"):
-                    continue
-                epoch = json.loads(store.read_bytes(f"{rel}/resume.json"))["epoch"]
-                if epoch > best.get(tid, (-1, ""))[0]:
+                epoch = _complete_checkpoint_epoch(store, rel)
+                if epoch is not None and epoch > best.get(tid, (-1, ""))[0]:
                     best[tid] = (epoch, store.uri(rel))
     return best
+
+
+def _complete_checkpoint_epoch(store: Store, rel: str) -> int | None:
+    """The epoch of the resume checkpoint in `rel`, or None if it is missing or incomplete."""
+    if not store.exists(f"{rel}/resume.json"):
+        return None
+    try:
+        meta = json.loads(store.read_bytes(f"{rel}/resume.json"))
+    except ValueError:  # cut off mid-write
+        return None
+    info = store.fs.get_file_info(store.path(rel, RESUME_FILE))
+    if info.type != pafs.FileType.File or info.size != meta.get("resume_bytes"):
+        return None
+    return int(meta["epoch"])
 
 
 # --------------------------------------------------------------------------------------
@@ -259,6 +280,10 @@ def run_sweep(
     log=print,
 ) -> RunSummary:
     """Train every unfinished trial of `spec`; returns counts. Idempotent and resumable."""
+    if any(st.search is not None for st in spec.studies):
+        from dtsweep.search import run_with_searches  # runs the grid studies through here, then the searches
+
+        return run_with_searches(spec, address=address, retry_failed=retry_failed, log=log)
     store = Store(spec.sweep_dir)
     trials = spec.trials()
     store.check_writable()
@@ -285,7 +310,7 @@ def run_sweep(
     ledger.write()
     prepare_datasets(todo)
 
-    results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished)
+    results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished, log=log)
 
     finished = failed = 0
     for t in todo:
@@ -303,7 +328,7 @@ def run_sweep(
     return RunSummary(store.uri(), len(trials), n_finished, len(todo), n_finished + finished, failed + n_failed_kept)
 
 
-def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_total, n_skipped) -> dict[str, str | None]:
+def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_total, n_skipped, log=print) -> dict[str, str | None]:
     """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine)."""
     import ray
     from ray import tune
@@ -330,9 +355,11 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
             c = {"trial_id": t.trial_id, "trial": d, "sweep_dir": store.uri()}
             if t.trial_id in resume:
                 c["resume_from"] = resume[t.trial_id][1]
+                log(f"resuming {t.trial_id} from epoch {resume[t.trial_id][0]} (checkpoint of an earlier run)")
             configs.append(c)
 
-        run_name = dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        # Unique per run: a rerun seconds after a killed driver must not reuse its directory.
+        run_name = dt.datetime.now().strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
         tuner = tune.Tuner(
             tune.with_resources(train_trial, resources),
             param_space={"job": tune.grid_search(configs)},
@@ -372,6 +399,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray's own default: the cluster started on this machine with `ray start` (the head
+        # node of `ray up`), else a new local Ray.
         ray.init(num_cpus=num_cpus, **kwargs)
 
 

@@ -11,6 +11,11 @@ before anything runs: an error names the field, the bad value and what is allowe
 the trial dict plus RESULT_VERSION), so re-running skips finished trials and adding seeds
 adds only the new ones. Resources, storage and analysis-checkpoint epochs are not part of
 it: they change where and how a trial runs, not what it computes.
+
+A study with a `search:` block is a *search study*: instead of a fixed grid, Optuna samples
+some training settings (SearchConfig) for each point of the study's grid, run by
+dtsweep.search. `spec.trials()` lists grid studies only; `spec.grid(study)` gives a search
+study's points (its groups) and `with_search_values` turns a sample into a Trial.
 """
 
 from __future__ import annotations
@@ -110,6 +115,56 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class SearchParam:
+    """One searched setting: `path` (e.g. "train.lr") drawn from `distribution`.
+
+    uniform / log_uniform / int / log_int draw from [low, high], both ends included
+    (log_*: uniform in log space); categorical picks one of `choices`. `alternatives`
+    (the spec's `or:`) are values a numeric parameter takes instead of a draw, e.g. grad
+    clipping "off": Optuna first picks between the range and each alternative, and draws
+    from the range only when the range was picked. TPE models that conditional space
+    directly, keeping the log scale of the range (a categorical mixing numbers and "off"
+    would lose it: TPE treats categories as unordered).
+    """
+
+    path: str
+    distribution: str  # one of DISTRIBUTIONS
+    low: float | int | None = None
+    high: float | int | None = None
+    choices: tuple = ()
+    alternatives: tuple = ()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a sample is judged by: `metric` of the metrics table at epoch `at`
+    ("final", "best" = the best evaluated epoch, or an epoch number), in `direction`."""
+
+    metric: str
+    at: str | int
+    direction: str  # "maximize" | "minimize"
+
+
+@dataclass(frozen=True)
+class Asha:
+    """Ray Tune's ASHA early stopping on epochs (max_t = the study's train.epochs)."""
+
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    parameters: tuple  # SearchParam, one per path
+    objective: Objective
+    num_samples: int  # per group (a point of the study's grid)
+    concurrency: int = 1  # samples of a group training at the same time
+    random_samples: int = 10  # drawn at random before TPE models the results (Optuna's n_startup_trials)
+    scheduler: Asha | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     init: tuple
@@ -123,6 +178,7 @@ class Study:
     data: DataConfig
     model: ModelConfig
     checkpoint_epochs: tuple
+    search: SearchConfig | None = None  # None: a grid study
 
 
 @dataclass(frozen=True)
@@ -226,16 +282,32 @@ class SweepSpec:
         return self.resources.get(init, self.resources["default"])
 
     def trials(self) -> list[Trial]:
-        """Every trial of every study, in grid order; duplicates across studies dropped."""
+        """Every trial of every grid study, in grid order; duplicates across studies dropped.
+
+        Search studies have no fixed trials (dtsweep.search samples them) and are left out.
+        """
         out, seen = [], set()
         for st in self.studies:
-            for init in st.init:
-                for dataset in st.dataset:
-                    env = parse_dataset(dataset)[0]
-                    for k in st.context_len:
-                        for swap in st.swap_block:
-                            for seed in st.seed:
-                                t = Trial(
+            if st.search is not None:
+                continue
+            for t in self.grid(st):
+                if t.trial_id not in seen:
+                    seen.add(t.trial_id)
+                    out.append(t)
+        return out
+
+    def grid(self, st: Study) -> list[Trial]:
+        """The points of `st`'s grid (init × dataset × K × swap × seed) as trials with the
+        study's own settings; for a search study these are its groups, before sampling."""
+        out = []
+        for init in st.init:
+            for dataset in st.dataset:
+                env = parse_dataset(dataset)[0]
+                for k in st.context_len:
+                    for swap in st.swap_block:
+                        for seed in st.seed:
+                            out.append(
+                                Trial(
                                     study=st.name,
                                     init=init,
                                     env=env,
@@ -248,14 +320,10 @@ class SweepSpec:
                                     train=st.train,
                                     eval=st.eval,
                                     data=st.data,
-                                    checkpoint_epochs=resolve_checkpoint_epochs(
-                                        st.checkpoint_epochs, st.train.epochs
-                                    ),
+                                    checkpoint_epochs=resolve_checkpoint_epochs(st.checkpoint_epochs, st.train.epochs),
                                     resources=self.resources_for(init),
                                 )
-                                if t.trial_id not in seen:
-                                    seen.add(t.trial_id)
-                                    out.append(t)
+                            )
         return out
 
     def with_storage(self, storage: str) -> SweepSpec:
@@ -284,9 +352,9 @@ def resolve_checkpoint_epochs(epochs_spec: tuple, n_epochs: int) -> tuple:
 
 _STUDY_KEYS = {
     "name", "init", "env", "quality", "dataset", "context_len", "swap_block", "swap_from",
-    "seed", "train", "eval", "data", "model", "checkpoint_epochs",
+    "seed", "train", "eval", "data", "model", "checkpoint_epochs", "search",
 }  # fmt: skip
-_DEFAULT_KEYS = _STUDY_KEYS - {"name", "init", "swap_block"}
+_DEFAULT_KEYS = _STUDY_KEYS - {"name", "init", "swap_block", "search"}
 _SECTIONS = ("train", "eval", "data", "model")  # merged key by key: defaults, then study
 _TOP_KEYS = {"name", "storage", "defaults", "studies", "resources", "ray"}
 DEFAULT_CHECKPOINT_EPOCHS = (0, 1, 4, 10, "final")
@@ -345,7 +413,9 @@ def _build_dataclass(cls, given: dict, path: str, base):
         v, p = given[f.name], f"{path}.{f.name}"
         default = getattr(base, f.name)
         if f.name == "grad_clip":
-            values[f.name] = None if v is None or v == "off" else _float(v, p, 0.0, lo_open=True)
+            # YAML 1.1 reads a bare `off` as false: null, off, "off" and false all mean no clipping.
+            off = v is None or v is False or v == "off"
+            values[f.name] = None if off else _float(v, p, 0.0, lo_open=True)
         elif f.name == "target_return":
             d = _check_keys(v, set(ENVS), p)
             values[f.name] = {**default, **{k: _float(x, f"{p}.{k}") for k, x in d.items()}}
@@ -476,11 +546,241 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
             _int(e, f"{path}.checkpoint_epochs", lo=0)
     if 3 * max(ks) > 1024:
         raise _fail(f"{path}.context_len", max(ks), "3 * context_len <= 1024 (GPT-2 positions)")
+    search = None
+    if "search" in raw:
+        search = _parse_search(raw["search"], f"{path}.search", inits, swaps, train, model)
     return Study(
         name=name, init=inits, dataset=tuple(datasets), context_len=ks, swap_block=swaps,
         seed=_parse_seeds(d["seed"], f"{path}.seed"), swap_from=swap_from, train=train,
-        eval=ev, data=data, model=model, checkpoint_epochs=tuple(ck),
+        eval=ev, data=data, model=model, checkpoint_epochs=tuple(ck), search=search,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Search studies: the `search:` block
+# --------------------------------------------------------------------------------------
+
+# Settings a search may sample, and the kind of value each takes. Not searchable:
+# train.epochs and train.steps_per_epoch (the budget that ASHA and the objective are
+# defined on), eval and data settings (they change what is measured, not what is learned).
+SEARCHABLE: dict[str, type] = {
+    "train.lr": float, "train.weight_decay": float, "train.warmup_steps": int,
+    "train.grad_clip": float, "train.batch_size": int, "train.rtg_scale": float,
+    "train.dropout": float, "train.dropout.resid": float, "train.dropout.attn": float,
+    "train.dropout.embd": float, "train.position_embeddings": bool,
+    "train.timestep_embedding": str, "model.n_layer": int, "model.n_embd": int,
+    "model.n_head": int, "model.activation_function": str,
+}  # fmt: skip
+DISTRIBUTIONS = ("uniform", "log_uniform", "int", "log_int", "categorical")
+_DIST_KIND = {"uniform": float, "log_uniform": float, "int": int, "log_int": int}
+_KIND_WORD = {float: "number", int: "integer", bool: "true/false", str: "string"}
+# Objective metrics (columns of the metrics table) and the direction in which they improve.
+OBJECTIVE_METRICS = {
+    "normalized_score": "maximize", "eval_return_mean": "maximize",
+    "action_error": "minimize", "train_loss": "minimize",
+}  # fmt: skip
+_SEARCH_KEYS = {"parameters", "objective", "num_samples", "concurrency", "random_samples", "scheduler", "seed"}
+
+
+def _one_of(v: Any, allowed, path: str) -> Any:
+    if isinstance(v, str) and v in allowed:
+        return v
+    close = difflib.get_close_matches(str(v), list(allowed), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise _fail(path, v, f"one of {', '.join(allowed)}{hint}")
+
+
+def _nest(values: dict) -> dict:
+    """{"train.dropout.resid": 0.1} -> {"train": {"dropout": {"resid": 0.1}}}."""
+    out: dict = {}
+    for path, v in values.items():
+        *parents, leaf = path.split(".")
+        d = out
+        for key in parents:
+            d = d.setdefault(key, {})
+        d[leaf] = v
+    return out
+
+
+def _apply(train: TrainConfig, model: ModelConfig, values: dict, path: str) -> tuple[TrainConfig, ModelConfig]:
+    """Overlay {searchable path: value} on a study's train/model settings, validated as the YAML is."""
+    nested = _nest(values)
+    train = _parse_train(nested.get("train"), f"{path}.train", train)
+    model = _parse_section(ModelConfig, nested.get("model"), f"{path}.model", model)
+    if model.n_embd is not None and model.n_head is not None and model.n_embd % model.n_head:
+        raise _fail(f"{path}.model.n_head", model.n_head, f"a divisor of n_embd={model.n_embd}")
+    return train, model
+
+
+def _value_of(path: str, train: TrainConfig, model: ModelConfig) -> Any:
+    section, *rest = path.split(".")
+    obj = train if section == "train" else model
+    for key in rest:
+        obj = getattr(obj, key)
+    return obj.resid if isinstance(obj, Dropout) else obj  # "train.dropout" sets all three alike
+
+
+def search_value(trial: Trial, path: str) -> Any:
+    """The value of a searchable setting in `trial`: search_value(t, "train.grad_clip") -> 0.25
+    (None: clipping off, or a model setting left to the init's architecture)."""
+    return _value_of(path, trial.train, ModelConfig(**trial.model))
+
+
+def with_search_values(trial: Trial, values: dict) -> Trial:
+    """`trial` (a point of a search study's grid) with sampled settings applied.
+
+    values: {searchable path: value}, e.g. {"train.lr": 3e-4, "train.grad_clip": "off"}.
+    Raises SpecError for a value the YAML would reject. The result's trial_id is that of
+    a grid trial with the same settings, so a sample equal to a finished trial is not re-run.
+    """
+    train, model = _apply(trial.train, ModelConfig(**trial.model), values, "search")
+    return dataclasses.replace(trial, train=train, model=model.overrides() if trial.init in RANDOM_INITS else {})
+
+
+def _check_value(name: str, v: Any, where: str, train: TrainConfig, model: ModelConfig) -> Any:
+    """Validate one candidate value of parameter `name` as the YAML would; returns it resolved."""
+    if not (v is None or isinstance(v, (bool, int, float, str))):
+        raise _fail(where, v, "a number, string, true/false or null")
+    try:
+        t, m = _apply(train, model, {name: v}, "")
+    except SpecError as e:
+        raise _fail(where, v, str(e).split("; expected ", 1)[-1]) from None
+    return _value_of(name, t, m)
+
+
+def _parse_param(name: str, v: Any, where: str, train: TrainConfig, model: ModelConfig) -> SearchParam:
+    kind = SEARCHABLE[name]
+    fits = [d for d in DISTRIBUTIONS if _DIST_KIND.get(d, kind) is kind]
+    if not isinstance(v, dict):
+        raise _fail(where, v, f"a mapping with one distribution of {', '.join(fits)}, e.g. {{{fits[0]}: ...}}")
+    _check_keys(v, set(DISTRIBUTIONS) | {"or"}, where)
+    dists = [k for k in v if k != "or"]
+    if len(dists) != 1:
+        raise _fail(where, v, f"exactly one distribution of {', '.join(fits)}")
+    dist, arg = dists[0], v[dists[0]]
+    p = f"{where}.{dist}"
+    if dist not in fits:
+        raise _fail(where, dist, f"a distribution for {_KIND_WORD[kind]} values: {', '.join(fits)}")
+    if dist == "categorical":
+        if "or" in v:
+            raise SpecError(f"{where}.or: not valid with categorical; list every value under categorical")
+        if not isinstance(arg, list) or not arg:
+            raise _fail(p, arg, "a non-empty list of values")
+        resolved = [_check_value(name, c, f"{p}[{i}]", train, model) for i, c in enumerate(arg)]
+        if len({repr(r) for r in resolved}) != len(resolved):
+            raise _fail(p, arg, "distinct values (off and null are the same: no clipping)")
+        return SearchParam(name, dist, choices=tuple(arg))
+    if not (isinstance(arg, list) and len(arg) == 2):
+        raise _fail(p, arg, "[low, high]")
+    num = _int if kind is int else _float
+    low, high = num(arg[0], f"{p}[0]"), num(arg[1], f"{p}[1]")
+    if not low < high:
+        raise _fail(p, arg, "[low, high] with low < high")
+    if dist.startswith("log_") and low <= 0:
+        raise _fail(f"{p}[0]", arg[0], "a number > 0 (log scale)")
+    for i, bound in enumerate((low, high)):
+        _check_value(name, bound, f"{p}[{i}]", train, model)
+    alternatives = tuple(_as_list(v.get("or", [])))
+    if "or" in v and not alternatives:
+        raise _fail(f"{where}.or", v["or"], "a value or a list of values taken instead of a draw, e.g. [off]")
+    resolved = [_check_value(name, a, f"{where}.or[{i}]", train, model) for i, a in enumerate(alternatives)]
+    if len({repr(r) for r in resolved}) != len(resolved):
+        raise _fail(f"{where}.or", list(alternatives), "distinct values")
+    return SearchParam(name, dist, low, high, alternatives=alternatives)
+
+
+def _param_values(p: SearchParam) -> list:
+    """Every value an integer or categorical parameter can take (for cross-checks)."""
+    if p.distribution == "categorical":
+        return list(p.choices)
+    return list(range(int(p.low), int(p.high) + 1)) + list(p.alternatives)
+
+
+def _check_head_split(params: tuple, model: ModelConfig, path: str) -> None:
+    """Every sampled (n_embd, n_head) pair must split the width evenly across the heads."""
+    by = {p.path: p for p in params}
+    if "model.n_embd" not in by and "model.n_head" not in by:
+        return
+    values = {}
+    for key in ("n_embd", "n_head"):
+        if f"model.{key}" in by:
+            values[key] = _param_values(by[f"model.{key}"])
+        elif getattr(model, key) is not None:
+            values[key] = [getattr(model, key)]
+        else:
+            other = "n_head" if key == "n_embd" else "n_embd"
+            raise SpecError(f"{path}.model.{other}: searching it needs model.{key} too (fixed under model: or searched), "
+                            "so that every sample splits the width evenly across heads")  # fmt: skip
+    for e in values["n_embd"]:
+        for h in values["n_head"]:
+            if e % h:
+                raise _fail(f"{path}.model.n_head", h, f"a divisor of every sampled model.n_embd (not of {e})")
+
+
+def _parse_objective(v: Any, p: str, epochs: int) -> Objective:
+    d = _check_keys(v, {"metric", "at", "direction"}, p)
+    if "metric" not in d:
+        raise SpecError(f"{p}.metric: missing; e.g. objective: {{metric: normalized_score, at: final}}")
+    metric = _one_of(d["metric"], list(OBJECTIVE_METRICS), f"{p}.metric")
+    at = d.get("at", "final")
+    if at not in ("final", "best"):
+        if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at <= epochs:
+            raise _fail(f"{p}.at", at, f"'final', 'best' or an epoch in 1..{epochs} (train.epochs)")
+    better = OBJECTIVE_METRICS[metric]
+    direction = _one_of(d.get("direction", better), ["maximize", "minimize"], f"{p}.direction")
+    if direction != better:
+        raise _fail(f"{p}.direction", direction, f"{better!r} for {metric} ({'higher' if better == 'maximize' else 'lower'} is better)")
+    return Objective(metric=metric, at=at, direction=direction)
+
+
+def _parse_scheduler(v: Any, p: str, epochs: int) -> Asha | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = {_one_of(v, ["asha"], p): {}}
+    d = _check_keys(v, {"asha"}, p)
+    if not d:
+        raise _fail(p, v, "null or {asha: {grace_period: 1, reduction_factor: 3}}")
+    a = _check_keys(d["asha"], {"grace_period", "reduction_factor"}, f"{p}.asha")
+    gp = _int(a.get("grace_period", Asha.grace_period), f"{p}.asha.grace_period", lo=1)
+    if gp > epochs:
+        raise _fail(f"{p}.asha.grace_period", gp, f"an integer in 1..{epochs} (train.epochs)")
+    rf = _float(a.get("reduction_factor", Asha.reduction_factor), f"{p}.asha.reduction_factor", 1.0, lo_open=True)
+    return Asha(grace_period=gp, reduction_factor=rf)
+
+
+def _parse_search(v: Any, p: str, inits: tuple, swaps: tuple, train: TrainConfig, model: ModelConfig) -> SearchConfig:
+    d = _check_keys(v, _SEARCH_KEYS, p)
+    for key in ("parameters", "objective", "num_samples"):
+        if key not in d:
+            raise SpecError(f"{p}.{key}: missing (required)")
+    raw = d["parameters"]
+    if not isinstance(raw, dict) or not raw:
+        raise _fail(f"{p}.parameters", raw, "a non-empty mapping of setting path -> distribution")
+    for key in raw:
+        if key not in SEARCHABLE:
+            close = difflib.get_close_matches(str(key), list(SEARCHABLE), n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]!r}?" if close else f"searchable: {', '.join(SEARCHABLE)}"
+            raise SpecError(f"{p}.parameters.{key}: not a searchable setting; {hint}")
+    if "train.dropout" in raw and any(k.startswith("train.dropout.") for k in raw):
+        raise SpecError(f"{p}.parameters.train.dropout: give train.dropout (all three) or train.dropout.<resid|attn|embd>, not both")
+    model_keys = [k for k in raw if k.startswith("model.")]
+    pretrained = [i for i in inits if i not in RANDOM_INITS]
+    if model_keys and pretrained:
+        raise SpecError(f"{p}.parameters.{model_keys[0]}: model settings only apply to random inits (random, random-ref), got init {pretrained}")
+    if "model.n_layer" in raw and any(s is not None for s in swaps):
+        raise SpecError(f"{p}.parameters.model.n_layer: cannot be searched with block swaps (the swapped block must exist in every sample)")
+    params = tuple(_parse_param(k, x, f"{p}.parameters.{k}", train, model) for k, x in raw.items())
+    _check_head_split(params, model, f"{p}.parameters")
+    return SearchConfig(
+        parameters=params,
+        objective=_parse_objective(d["objective"], f"{p}.objective", train.epochs),
+        num_samples=_int(d["num_samples"], f"{p}.num_samples", lo=1),
+        concurrency=_int(d.get("concurrency", 1), f"{p}.concurrency", lo=1),
+        random_samples=_int(d.get("random_samples", 10), f"{p}.random_samples", lo=1),
+        scheduler=_parse_scheduler(d.get("scheduler"), f"{p}.scheduler", train.epochs),
+        seed=_int(d.get("seed", 0), f"{p}.seed", lo=0),
+    )
 
 
 def parse_spec(raw: Any) -> SweepSpec:

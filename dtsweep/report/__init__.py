@@ -82,6 +82,11 @@ def write_report(sweep_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> Pa
             figs[name] = save_figure(name, draw(sweep))
         except MissingData as e:
             missing.append(f"figure `{name}`: {e}")
+    if sweep.search is not None:  # the sweep has search studies (dtsweep.search)
+        try:
+            figs["search_objective"] = save_figure("search_objective", F.search_objective(sweep.search))
+        except MissingData as e:
+            missing.append(f"figure `search_objective`: {e}")
 
     # ---- scores
     doc.heading(2, "Scores")

@@ -303,6 +303,43 @@ def attention_gap(sweep: Sweep) -> tuple[Figure, str]:
     return fig, f"Attention-distance gap between epoch 0 and epoch {epoch} per block, K={k} (Takagi Fig. 10)."
 
 
+def search_objective(search: pd.DataFrame) -> tuple[Figure, str]:
+    """Objective of every finished search sample against its clip norm, per init
+    (search.parquet, written by search studies: dtsweep.search). Samples without clipping
+    sit at "off", right of the range; each init's best sample is starred."""
+    if "train.grad_clip" not in search.columns:
+        raise MissingData("the search studies do not sample train.grad_clip")
+    done = search[(search["status"] == "finished") & search["objective"].notna()]
+    if done.empty:
+        raise MissingData("no finished search sample in search.parquet")
+    panels = sorted(done.groupby(["study", "dataset", "metric", "at"]).groups)
+    fig, axes = _grid(1, len(panels), w=5.0, h=3.6)
+    for ax, (study, dataset, metric, at) in zip(axes[0], panels):
+        sel = done[(done["study"] == study) & (done["dataset"] == dataset)]
+        clips = sel["train.grad_clip"]
+        lo, hi = float(np.nanmin(clips.to_numpy(float), initial=np.inf)), float(np.nanmax(clips.to_numpy(float), initial=-np.inf))
+        lo, hi = (GRAD_CLIP, GRAD_CLIP) if not np.isfinite(lo) else (min(lo, GRAD_CLIP), max(hi, GRAD_CLIP))
+        off_x = hi * 4  # "off" = no clipping: an unbounded norm, drawn past the largest one
+        for init, g in sel.groupby("init"):
+            x = g["train.grad_clip"].fillna(off_x).to_numpy(float)
+            ax.scatter(x, g["objective"], color=color(init), s=18, alpha=0.75, label=f"{init} (n={len(g)})")
+            best = g["objective"].idxmax() if g["direction"].iloc[0] == "maximize" else g["objective"].idxmin()
+            ax.scatter([x[g.index.get_loc(best)]], [g.loc[best, "objective"]], color=color(init), marker="*", s=160, edgecolor="k")
+        ax.axvline(GRAD_CLIP, color="k", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ticks = sorted({GRAD_CLIP, *(t for t in (0.01, 0.1, 1, 10, 100, 1000) if lo / 2 <= t <= hi * 2)})
+        ax.set_xticks([*ticks, off_x], [*(f"{t:g}" for t in ticks), "off"])
+        ax.set_xlabel("grad-clip norm")
+        ax.set_ylabel(f"{metric} ({at})")
+        ax.set_title(f"{study}: {dataset}")
+    _legend(axes)
+    caption = (f"Search samples: objective against the gradient-clipping norm per init (dashed: the papers' {GRAD_CLIP}; "
+               "'off': no clipping; star: each init's best). Each point is one sample (its other settings, e.g. "
+               "the learning rate, vary too) and one seed, so this shows where good settings lie, not seed CIs.")  # fmt: skip
+    return fig, caption
+
+
 # name -> drawing function; final_scores_bars takes the table and is called separately.
 FIGURES = {
     "return_curves": return_curves,

@@ -61,6 +61,7 @@ class Sweep:
     trials: pd.DataFrame
     diagnostics: dict[str, pd.DataFrame]
     notes: list[str] = field(default_factory=list)
+    search: pd.DataFrame | None = None  # search.parquet of search studies, if any
 
     @classmethod
     def load(cls, sweep_dir: str | Path) -> "Sweep":
@@ -69,6 +70,16 @@ class Sweep:
             raise FileNotFoundError(f"sweep directory {root} does not exist")
         notes: list[str] = []
         metrics = _read_metrics(root)
+        search = pd.read_parquet(root / "search.parquet") if (root / "search.parquet").exists() else None
+        if search is not None and metrics is not None:
+            # Samples of a search differ in their settings, not only in their seed: they
+            # are not replicates, so they stay out of every seed statistic.
+            studies = set(search["study"])
+            n = metrics.loc[metrics["study"].isin(studies), "trial_id"].nunique()
+            metrics = metrics[~metrics["study"].isin(studies)]
+            if n:
+                notes.append(f"{n} trials of search studies ({', '.join(sorted(studies))}) are left out of the seed "
+                             "statistics; see the `search_objective` figure and search.parquet.")  # fmt: skip
         if (root / "trials.parquet").exists():
             trials = pd.read_parquet(root / "trials.parquet")
             if "status" not in trials.columns:
@@ -100,7 +111,9 @@ class Sweep:
             path = root / "diagnostics" / f"{kind}.parquet"
             if path.exists():
                 diagnostics[kind] = _with_trial_columns(pd.read_parquet(path), trials)
-        return cls(root, metrics, trials, diagnostics, notes)
+                if search is not None and "study" in diagnostics[kind].columns:
+                    diagnostics[kind] = diagnostics[kind][~diagnostics[kind]["study"].isin(set(search["study"]))]
+        return cls(root, metrics, trials, diagnostics, notes, search)
 
     def require_metrics(self) -> pd.DataFrame:
         if self.metrics is None:
