@@ -20,12 +20,20 @@ class UserError(Exception):
     """An input problem the user can fix; printed as one line, exit code 2."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from dtsweep.data import DatasetNotFoundError
-    from dtsweep.models import InitError
-    from dtsweep.spec import SpecError
+# Errors a user can fix, as (module, class). An exception of a class can only exist once its
+# module is imported, so only loaded modules are consulted: a typo in a spec then fails in
+# about a second instead of first importing torch and transformers to name their errors.
+_USER_ERROR_CLASSES = (
+    ("dtsweep.spec", "SpecError"),
+    ("dtsweep.preflight", "PreflightError"),
+    ("dtsweep.data.d4rl", "DatasetNotFoundError"),
+    ("dtsweep.models.backbones", "InitError"),
+)
 
-    return (UserError, SpecError, DatasetNotFoundError, InitError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = (sys.modules.get(module) for module, _ in _USER_ERROR_CLASSES)
+    return (UserError, *(getattr(m, name) for m, (_, name) in zip(loaded, _USER_ERROR_CLASSES) if m is not None))
 
 
 def _load(path: str, storage: str | None = None):
@@ -51,8 +59,16 @@ def cmd_plan(args) -> int:
         rows.append({**t.columns(), "epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch,
                      "params": c.params, "gpu_hours": round(c.gpu_hours, 4), "storage_bytes": c.storage_bytes})  # fmt: skip
     per_study = Counter(t.study for t in trials)
+    # Search studies: num_samples trials per group, costed as the group's trial trained to
+    # the end (an upper bound when ASHA stops samples early).
+    searches = {st.name: [(t, estimate(t)) for t in spec.grid(st)] for st in spec.studies if st.search is not None}
+    for st in spec.studies:
+        for t, c in searches.get(st.name, []):
+            per_study[st.name] += st.search.num_samples
+            gpu_h += st.search.num_samples * c.gpu_hours
+            storage += st.search.num_samples * c.storage_bytes
     if args.json:
-        out = {"sweep": spec.name, "sweep_dir": spec.sweep_dir, "total_trials": len(trials),
+        out = {"sweep": spec.name, "sweep_dir": spec.sweep_dir, "total_trials": sum(per_study.values()),
                "studies": dict(per_study), "gpu_hours": round(gpu_h, 2),
                "storage_gb": round(storage / 1e9, 3), "trials": rows}  # fmt: skip
         print(json.dumps(out, indent=1))
@@ -60,10 +76,11 @@ def cmd_plan(args) -> int:
     print(f"sweep {spec.name} -> {spec.sweep_dir}")
     for st in spec.studies:
         sub = [r for r in rows if r["study"] == st.name]
-        h = sum(r["gpu_hours"] for r in sub)
-        print(f"  {st.name:<16} {len(sub):>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
-              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  ~{h:,.1f} GPU-h")  # fmt: skip
-    print(f"  total            {len(trials):>5} trials  ~{gpu_h:,.1f} GPU-hours  ~{storage / 1e9:,.1f} GB "
+        h = sum(r["gpu_hours"] for r in sub) + sum(st.search.num_samples * c.gpu_hours for _, c in searches.get(st.name, []))
+        kind = f" (search: {len(searches[st.name])} groups x {st.search.num_samples} samples, at most)" if st.name in searches else ""
+        print(f"  {st.name:<16} {per_study[st.name]:>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
+              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  ~{h:,.1f} GPU-h{kind}")  # fmt: skip
+    print(f"  total            {sum(per_study.values()):>5} trials  ~{gpu_h:,.1f} GPU-hours  ~{storage / 1e9:,.1f} GB "
           "(estimates: see dtsweep/costs.py)")  # fmt: skip
     return 0
 
@@ -72,34 +89,14 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    spec = _load(args.sweep, args.storage)  # before the heavy imports: spec typos fail fast
     from dtsweep.orchestrate import run_sweep
-    from dtsweep.store import Store
+    from dtsweep.preflight import check_run
 
-    spec = _load(args.sweep, args.storage)
-    try:
-        Store(spec.sweep_dir).check_writable()
-    except OSError as e:
-        raise UserError(str(e)) from None
     address = args.address or spec.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_ray_address(address)
+    check_run(spec, address=address)  # datasets, models, storage, cluster: before any write
     summary = run_sweep(spec, address=address, retry_failed=args.retry_failed)
     return 0 if summary.failed == 0 else 1
-
-
-def _check_ray_address(address: str) -> None:
-    """Fail fast (exit 2) when a Ray address does not answer, instead of hanging in ray.init."""
-    import socket
-
-    if address == "auto" or address.startswith("ray://") is False and ":" not in address:
-        return  # "auto" and bare names are resolved by Ray itself
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as e:
-        raise UserError(f"Ray address {address!r} does not answer ({e}); start the cluster (`ray up cluster.yaml`) or drop --address for a local Ray") from None
 
 
 # ---- status
@@ -192,7 +189,7 @@ def _require_sweep_dir(sweep_dir: str, needed: str) -> None:
 # ---- entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dtsweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -205,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("run", help="train every unfinished trial of a sweep (resumable)")
     q.add_argument("sweep", help="sweep YAML file")
     q.add_argument("--storage", help="override the spec's storage; outputs land in STORAGE/<name>/")
-    q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    q.add_argument("--address", help="Ray cluster address, e.g. 10.0.0.5:6379 or auto (default: RAY_ADDRESS, "
+                   "else the Ray started on this machine by `ray start`, else a new local Ray)")
     q.add_argument("--retry-failed", action="store_true", help="also rerun trials recorded as failed")
     q.set_defaults(func=cmd_run)
 
@@ -233,9 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_assets)
 
-    from dtsweep.pretrain import add_arguments as add_pretrain_arguments
+    if argv[:1] == ["pretrain"]:
+        # Its flags come from the pretraining configs, which import torch and transformers:
+        # only pay for that when pretraining, so typos in other commands fail in a blink.
+        from dtsweep.pretrain import add_arguments as add_pretrain_arguments
 
-    add_pretrain_arguments(sub)
+        add_pretrain_arguments(sub)
+    else:
+        sub.add_parser("pretrain", help="pretrain a small GPT-2 offline (language or image)")
 
     q = sub.add_parser("diagnose", help="Ray Data job: every diagnostic of the sweep's checkpoints -> diagnostics/*.parquet")
     q.add_argument("sweep_dir")
@@ -249,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as e:

@@ -398,10 +398,16 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        # Ray's own default: the cluster started on this machine with `ray start` (the head
-        # node of `ray up`), else a new local Ray.
+        return
+    # Ray's own default: the cluster started on this machine with `ray start` (the head
+    # node of `ray up`), else a new local Ray.
+    try:
         ray.init(num_cpus=num_cpus, **kwargs)
+    except ValueError:
+        # Joining a running cluster, Ray refuses num_cpus: the cluster's resources apply.
+        if num_cpus is None:
+            raise
+        ray.init(**kwargs)
 
 
 def sweep_status(sweep_dir: str) -> dict:

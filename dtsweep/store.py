@@ -103,13 +103,16 @@ class Store:
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
         self.fs, self.base = resolve(self.root)
-        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        # A root given as a URI (file:// included) stays a URI in everything handed to
+        # other processes (Tune's storage_path, checkpoint paths), so remote and local
+        # storage take the same code path and file:// tests exercise the remote one.
+        self.is_local = "://" not in self.root
 
     def path(self, *parts: str) -> str:
         return "/".join([self.base, *parts])
 
     def uri(self, *parts: str) -> str:
-        """Location a user or another process can open (local absolute path or URI)."""
+        """Location a user or another process can open: an absolute path, or a URI for a URI root."""
         return self.path(*parts) if self.is_local else "/".join([self.root, *parts])
 
     def exists(self, *parts: str) -> bool:

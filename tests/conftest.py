@@ -23,3 +23,11 @@ def data_cache(tmp_path_factory):
         os.environ.pop("DTSWEEP_DATA_DIR", None)
     else:
         os.environ["DTSWEEP_DATA_DIR"] = old
+
+
+# A private Ray temp dir per test session: a test's ray.init() never joins a Ray that
+# something else on this machine started, and its sockets live under a short path.
+if "RAY_TMPDIR" not in os.environ:
+    import tempfile
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
