@@ -36,7 +36,9 @@ from dtsweep.envs import ENVS, parse_dataset
 RESULT_VERSION = 1
 
 RANDOM_INITS = ("random", "random-ref")
-NAMED_INITS = RANDOM_INITS + ("gpt2", "igpt", "chibit", "igpt-mini")
+NAMED_INITS = RANDOM_INITS + ("gpt2", "igpt", "chibit", "igpt-mini", "clip")
+FREEZE = ("none", "blocks")  # dtsweep.models.FREEZE
+LM_CORPORA = ("news", "wikitext-103")  # dtsweep.pretrain.language.CORPORA
 
 
 class SpecError(ValueError):
@@ -56,6 +58,38 @@ class Dropout:
 
 
 @dataclass(frozen=True)
+class KMeansCosine:
+    """Reid et al.'s cosine loss to k-means centres of the language embeddings (dtsweep.aux).
+
+    The term λ1(step) · L_cos joins the loss, λ1(step) = weight · anneal(step, anneal_steps).
+    """
+
+    weight: float = 0.1  # λ1 before annealing (Reid tuned 0.1 and 0.2)
+    clusters: int = 1000  # k-means centres of the token-embedding table
+    anneal_steps: int = 5000  # λ1 is 0.5 · weight at anneal_steps / 2 and ≈ 0 from anneal_steps on
+
+
+@dataclass(frozen=True)
+class LMCotrain:
+    """Reid et al.'s language-model co-training (dtsweep.aux): λ2(step) · L_LM joins the loss."""
+
+    weight: float = 0.2  # λ2 before annealing (Reid tuned 0, 0.2 and 0.4)
+    anneal_steps: int = 5000
+    corpus: str = "news"  # one of LM_CORPORA: "news" offline (chibit's corpus), "wikitext-103" online
+    batch_size: int = 2  # text sequences per step (Reid's code: 2)
+    seq_len: int | None = None  # tokens per sequence; None: the source's n_positions, at most 1024
+    documents: int = 0  # use the first N training documents of the corpus (quick runs); 0: all
+
+
+@dataclass(frozen=True)
+class Aux:
+    """Auxiliary objectives added to the action loss; None = off."""
+
+    kmeans_cosine: KMeansCosine | None = None
+    lm_cotrain: LMCotrain | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 40
     steps_per_epoch: int = 2500
@@ -69,6 +103,11 @@ class TrainConfig:
     max_ep_len: int = 1000
     position_embeddings: bool = False  # reference DT: backbone's wpe not added (DESIGN §4)
     timestep_embedding: str = "after_ln"  # Reid's code; "before_ln" = original DT
+    # Reid et al.'s techniques (issue 9). Added after the first trial ids: hashed only when set
+    # (see HASHED_WHEN_SET), so the ids of trials that do not use them did not change.
+    freeze: str = "none"  # "blocks": backbone frozen, embeddings and action head train (Table 5)
+    extend_positions: bool = False  # the backbone's position table is the timestep embedding (Table 6)
+    aux: Aux = field(default_factory=Aux)
 
 
 @dataclass(frozen=True)
@@ -223,6 +262,12 @@ class Trial:
         d = dict(d)
         train = dict(d["train"])
         train["dropout"] = Dropout(**train["dropout"])
+        if "aux" in train:
+            aux = train["aux"]
+            train["aux"] = Aux(
+                kmeans_cosine=None if aux.get("kmeans_cosine") is None else KMeansCosine(**aux["kmeans_cosine"]),
+                lm_cotrain=None if aux.get("lm_cotrain") is None else LMCotrain(**aux["lm_cotrain"]),
+            )
         return Trial(
             **{
                 **d,
@@ -255,10 +300,19 @@ RESULT_FIELDS = (
 )  # fmt: skip
 
 
+# TrainConfig fields added after trial ids were first handed out. They enter the hash only
+# when they differ from their defaults, so every trial that does not use them keeps its id.
+HASHED_WHEN_SET = ("freeze", "extend_positions", "aux")
+
+
 def trial_id(trial_dict: dict) -> str:
     """Stable 16-hex-digit id: sha256 of the canonical JSON of the result-determining fields."""
     payload = {k: trial_dict[k] for k in RESULT_FIELDS}
     payload["result_version"] = RESULT_VERSION
+    unset = dataclasses.asdict(TrainConfig())
+    payload["train"] = {
+        k: v for k, v in payload["train"].items() if not (k in HASHED_WHEN_SET and v == unset[k])
+    }
     # Normalise the target return to the one that applies to this trial's env only, so
     # listing another env's target in a shared eval block does not change this trial's id.
     ev = dict(payload["eval"])
@@ -423,6 +477,14 @@ def _build_dataclass(cls, given: dict, path: str, base):
             if v not in ("after_ln", "before_ln"):
                 raise _fail(p, v, "'after_ln' (Reid et al.) or 'before_ln' (original DT)")
             values[f.name] = v
+        elif f.name == "freeze":
+            if v not in FREEZE:
+                raise _fail(p, v, "'none' or 'blocks' (backbone frozen: only embeddings and action head train)")
+            values[f.name] = v
+        elif f.name == "corpus":
+            values[f.name] = _one_of(v, LM_CORPORA, p)
+        elif f.name == "seq_len":
+            values[f.name] = None if v is None else _int(v, p, lo=2)
         elif f.name == "activation_function":
             if v not in ("gelu_new", "gelu", "relu", "quick_gelu", "silu", "tanh"):
                 raise _fail(p, v, "one of gelu_new, gelu, relu, quick_gelu, silu, tanh")
@@ -430,9 +492,9 @@ def _build_dataclass(cls, given: dict, path: str, base):
         elif isinstance(default, bool):
             values[f.name] = _bool(v, p)
         elif isinstance(default, int) or f.name in ("n_layer", "n_embd", "n_head"):
-            values[f.name] = _int(v, p, lo=0 if f.name in ("seed", "warmup_steps") else 1)
+            values[f.name] = _int(v, p, lo=0 if f.name in ("seed", "warmup_steps", "documents") else 1)
         elif isinstance(default, float):
-            strictly_positive = f.name in ("lr", "rtg_scale")
+            strictly_positive = f.name in ("lr", "rtg_scale", "weight")
             values[f.name] = _float(v, p, 0.0, lo_open=strictly_positive)
             if cls is Dropout and values[f.name] >= 1:
                 raise _fail(p, v, "a probability in [0, 1)")
@@ -450,9 +512,64 @@ def _parse_train(d: dict, path: str, base: TrainConfig) -> TrainConfig:
             dd = {"resid": dd, "attn": dd, "embd": dd}
         dd = _check_keys(dd, {"resid", "attn", "embd"}, f"{path}.dropout")
         dropout = _build_dataclass(Dropout, dd, f"{path}.dropout", base.dropout)
-    rest = {k: v for k, v in d.items() if k != "dropout"}
-    out = _build_dataclass(TrainConfig, rest, path, base)
-    return dataclasses.replace(out, dropout=dropout)
+    aux = _parse_aux(d["aux"], f"{path}.aux", base.aux) if "aux" in d else base.aux
+    rest = {k: v for k, v in d.items() if k not in ("dropout", "aux")}
+    out = dataclasses.replace(_build_dataclass(TrainConfig, rest, path, base), dropout=dropout, aux=aux)
+    if out.extend_positions and out.position_embeddings:
+        raise SpecError(
+            f"{path}.extend_positions: true is not valid with position_embeddings: true "
+            "(the position table would be added twice: as positions and as the timestep embedding)"
+        )
+    return out
+
+
+_AUX_TERMS = {"kmeans_cosine": KMeansCosine, "lm_cotrain": LMCotrain}
+
+
+def _parse_aux(v: Any, path: str, base: Aux) -> Aux:
+    """`aux: {kmeans_cosine: ..., lm_cotrain: ...}`; each term is a mapping of its settings,
+    a number (its weight), true (the defaults), or null / false / off (no term)."""
+    d = _check_keys(v, set(_AUX_TERMS), path)
+    values = {}
+    for key, cls in _AUX_TERMS.items():
+        if key not in d:
+            continue
+        term, p = d[key], f"{path}.{key}"
+        if term is None or term is False or term == "off":
+            values[key] = None
+        elif term is True:
+            values[key] = cls()
+        elif isinstance(term, (int, float)):
+            values[key] = _build_dataclass(cls, {"weight": term}, p, cls())
+        elif isinstance(term, dict):
+            values[key] = _build_dataclass(cls, _check_keys(term, {f.name for f in fields(cls)}, p), p, cls())
+        else:
+            raise _fail(p, term, "a mapping of its settings, a weight, true (defaults) or off")
+    return dataclasses.replace(base, **values)
+
+
+def _check_techniques(inits: tuple, train: TrainConfig, path: str) -> None:
+    """Reid et al.'s auxiliary objectives need what some inits lack: refuse those pairs."""
+    from dtsweep.models.backbones import InitError, language_model_problem
+
+    if train.aux.kmeans_cosine is not None:
+        random = [i for i in inits if i in RANDOM_INITS]
+        if random:
+            raise SpecError(
+                f"{path}.train.aux.kmeans_cosine: init {random[0]!r} has no token-embedding table to cluster "
+                "(random weights); use the cosine loss with pretrained inits only"
+            )
+    if train.aux.lm_cotrain is not None:
+        for init in inits:
+            try:
+                problem = language_model_problem(init)
+            except InitError as e:
+                raise SpecError(f"{path}.init: {e}") from None
+            if problem:
+                raise SpecError(
+                    f"{path}.train.aux.lm_cotrain: {problem}; LM co-training needs a language model with its "
+                    "tokenizer (gpt2, chibit, or a GPT-2 directory holding tokenizer.json)"
+                )
 
 
 def _parse_section(cls, d: Any, path: str, base):
@@ -534,6 +651,7 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
         swap_from = _parse_init(swap_from, f"{path}.swap_from")
 
     train = _parse_train(d.get("train"), f"{path}.train", TrainConfig())
+    _check_techniques(inits, train, path)
     ev = _parse_section(EvalConfig, d.get("eval"), f"{path}.eval", EvalConfig())
     data = _parse_section(DataConfig, d.get("data"), f"{path}.data", DataConfig())
     model = _parse_section(ModelConfig, d.get("model"), f"{path}.model", ModelConfig())
@@ -831,12 +949,11 @@ def _opt_str(v: Any, path: str) -> str | None:
 
 def _check_swap_depths(spec: SweepSpec) -> None:
     """A swapped block index must exist in both the random model and the source model."""
-    from dtsweep.models.backbones import backbone_depth
-
     for i, st in enumerate(spec.studies):
         swaps = [s for s in st.swap_block if s is not None]
         if not swaps:
             continue
+        from dtsweep.models.backbones import backbone_depth  # imports torch: only when needed
         depth = min(
             min(backbone_depth(init, st.model.overrides()) for init in st.init),
             backbone_depth(st.swap_from),

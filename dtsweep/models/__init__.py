@@ -2,6 +2,7 @@
 
 from dtsweep.models.backbones import (
     ASSET_INITS,
+    FREEZE,
     HUB_INITS,
     INITS,
     OVERRIDABLE,
@@ -15,7 +16,12 @@ from dtsweep.models.backbones import (
     build_decision_transformer,
     imagegpt_to_gpt2,
     is_random_init,
+    language_model_problem,
+    load_source,
+    source_dir,
+    token_table,
 )
+from dtsweep.models.clip import clip_text_to_gpt2
 from dtsweep.models.dt import (
     BLOCK_ACTIVATIONS,
     TIMESTEP_EMBEDDINGS,
@@ -28,6 +34,7 @@ from dtsweep.models.dt import (
 __all__ = [
     "ASSET_INITS",
     "BLOCK_ACTIVATIONS",
+    "FREEZE",
     "HUB_INITS",
     "INITS",
     "OVERRIDABLE",
@@ -43,7 +50,12 @@ __all__ = [
     "backbone_width",
     "build_backbone",
     "build_decision_transformer",
+    "clip_text_to_gpt2",
     "eager_attention",
     "imagegpt_to_gpt2",
     "is_random_init",
+    "language_model_problem",
+    "load_source",
+    "source_dir",
+    "token_table",
 ]

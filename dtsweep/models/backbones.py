@@ -9,16 +9,19 @@ Every init resolves to a `transformers.GPT2Model` with float32 weights:
     gpt2        Hugging Face "gpt2" (12 layers, 768 wide).
     igpt        Hugging Face "openai/imagegpt-small" (24 layers, 512 wide), mapped into GPT-2
                 blocks (see `imagegpt_to_gpt2`).
+    clip        the text encoder of Hugging Face "openai/clip-vit-base-patch32" (12 layers, 512
+                wide, 8 heads, quick-GELU), mapped exactly into GPT-2 blocks (dtsweep.models.clip).
     chibit      small text model shipped in dtsweep/assets/models/chibit/ (HF directory).
     igpt-mini   small image model shipped in dtsweep/assets/models/igpt-mini/ (HF directory).
-    <path>      any local Hugging Face directory whose config.json has model_type gpt2 or
-                imagegpt (e.g. the output of `hf download gpt2 --local-dir <path>`). The names
-                above win over a directory of the same name: write ./gpt2 for the directory.
+    <path>      any local Hugging Face directory whose config.json has model_type gpt2, imagegpt,
+                clip or clip_text_model (e.g. the output of `hf download gpt2 --local-dir <path>`).
+                The names above win over a directory of the same name: write ./gpt2 for it.
 
 Two things differ from the checkpoints as published, on purpose:
 - the token embedding `wte` is dropped (replaced by a 1-row table, vocab_size=1): the DT feeds
   `inputs_embeds` and never reads it, and it would add 38.6M dead parameters to GPT-2's
-  checkpoints and parameter counts;
+  checkpoints and parameter counts. Reid's auxiliary objectives (dtsweep.aux) need the table:
+  `token_table(init)` reads it from the source model;
 - the dropout rates are the DT's (default resid 0.2, attn 0.1, embd 0.1), not the checkpoint's.
 
 Building is reproducible: `build_backbone(..., seed=s)` draws all random weights from a torch
@@ -35,8 +38,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import GPT2Config, GPT2Model, ImageGPTModel
+from transformers import CLIPTextModel, GPT2Config, GPT2Model, ImageGPTModel
 
+from dtsweep.models.clip import clip_text_to_gpt2
 from dtsweep.models.dt import DecisionTransformer
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
@@ -50,13 +54,15 @@ RANDOM_INITS: dict[str, dict] = {
 HUB_INITS: dict[str, tuple[str, int, int]] = {
     "gpt2": ("gpt2", 12, 768),
     "igpt": ("openai/imagegpt-small", 24, 512),
+    "clip": ("openai/clip-vit-base-patch32", 12, 512),
 }
 # Inits shipped inside the package as Hugging Face model directories.
 ASSET_INITS = ("chibit", "igpt-mini")
 INITS = (*RANDOM_INITS, *HUB_INITS, *ASSET_INITS)
 
 OVERRIDABLE = ("n_layer", "n_embd", "n_head", "activation_function", "n_positions")
-SUPPORTED_MODEL_TYPES = ("gpt2", "imagegpt")
+SUPPORTED_MODEL_TYPES = ("gpt2", "imagegpt", "clip", "clip_text_model")
+FREEZE = ("none", "blocks")  # what `freeze` may name: nothing, or the whole backbone (Reid Table 5)
 
 # GPT2Config fields that define the backbone's architecture, copied from a source config.
 ARCHITECTURE_FIELDS = (
@@ -178,6 +184,9 @@ def _shape(init: str, overrides: Mapping | None) -> tuple[int, int]:
         _, n_layer, n_embd = HUB_INITS[init]
         return n_layer, n_embd
     cfg = _read_dir_config(_init_dir(init))
+    if cfg["model_type"] == "clip":  # a whole CLIP model: the text encoder's shape
+        cfg = cfg.get("text_config") or {}
+        cfg = {"num_hidden_layers": cfg.get("num_hidden_layers", 12), "hidden_size": cfg.get("hidden_size", 512)}
     return (
         cfg.get("n_layer", cfg.get("num_hidden_layers")),
         cfg.get("n_embd", cfg.get("hidden_size")),
@@ -249,17 +258,36 @@ def gpt2_to_dt_backbone(source: GPT2Model, dropout: Dropout = Dropout()) -> GPT2
     return target
 
 
-def _load_pretrained(init: str, dropout: Dropout) -> GPT2Model:
-    """Load a pretrained init (Hub name, asset or local directory) as a DT backbone."""
+# The transformers class each source is loaded with (the model without its head).
+_MODEL_CLASSES = {
+    "gpt2": GPT2Model,
+    "imagegpt": ImageGPTModel,
+    "clip": CLIPTextModel,  # from a whole CLIP model: its text encoder only
+    "clip_text_model": CLIPTextModel,
+}
+_HUB_MODEL_TYPES = {"gpt2": "gpt2", "igpt": "imagegpt", "clip": "clip"}
+
+
+def source_dir(init: str) -> Path | None:
+    """The local Hugging Face directory an init names (shipped asset or path); None for Hub
+    and random inits. InitError if it names none."""
+    return _init_dir(init)
+
+
+def load_source(init: str):
+    """The pretrained model an init names, as published: a GPT2Model, ImageGPTModel or
+    CLIPTextModel (float32, token embedding included), loaded without an RNG side effect.
+    The DT backbone is built from it (`build_backbone`); Reid's auxiliary objectives read its
+    token table (dtsweep.aux)."""
     path = _init_dir(init)
     if path is None:
         if init not in HUB_INITS:
             raise InitError(f"{init!r} is not a pretrained init")
         repo = HUB_INITS[init][0]
-        model_cls = ImageGPTModel if init == "igpt" else GPT2Model
+        model_cls = _MODEL_CLASSES[_HUB_MODEL_TYPES.get(init, "gpt2")]
         try:
             with torch.random.fork_rng(devices=[]):
-                source = model_cls.from_pretrained(repo)
+                return model_cls.from_pretrained(repo, dtype=torch.float32)
         except OSError as err:
             raise InitError(
                 f"cannot load {init!r} (Hugging Face {repo!r}): not reachable and not cached. On a "
@@ -267,17 +295,52 @@ def _load_pretrained(init: str, dropout: Dropout) -> GPT2Model:
                 f"(older huggingface_hub: `huggingface-cli download ...`) "
                 f"and use `init: /path/to/{init}`."
             ) from err
-    else:
-        model_type = _read_dir_config(path)["model_type"]
-        model_cls = ImageGPTModel if model_type == "imagegpt" else GPT2Model
-        try:
-            with torch.random.fork_rng(devices=[]):
-                source = model_cls.from_pretrained(path)
-        except OSError as err:
-            raise InitError(f"cannot load init {init!r} from {path}: {err}") from err
+    model_cls = _MODEL_CLASSES[_read_dir_config(path)["model_type"]]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return model_cls.from_pretrained(path, dtype=torch.float32)
+    except OSError as err:
+        raise InitError(f"cannot load init {init!r} from {path}: {err}") from err
+
+
+def _load_pretrained(init: str, dropout: Dropout) -> GPT2Model:
+    """Load a pretrained init (Hub name, asset or local directory) as a DT backbone."""
+    source = load_source(init)
     if isinstance(source, ImageGPTModel):
         return imagegpt_to_gpt2(source, dropout)
+    if isinstance(source, CLIPTextModel):
+        return clip_text_to_gpt2(source, tuple(dropout))
     return gpt2_to_dt_backbone(source, dropout)
+
+
+def token_table(init: str) -> torch.Tensor:
+    """The token-embedding table [V, H] (float32) of a pretrained init, read from its source
+    model (the DT backbone drops it). InitError for random inits, which have none."""
+    if is_random_init(init):
+        raise InitError(f"init {init!r} has no token-embedding table (its weights are random)")
+    return load_source(init).get_input_embeddings().weight.detach().clone()
+
+
+def language_model_problem(init: str) -> str | None:
+    """None if `init` is a language model whose text dtsweep can tokenise (needed by Reid's
+    LM co-training), else why not, in a phrase. Reads no weights."""
+    if is_random_init(init):
+        return f"init {init!r} has random weights: it is not a language model"
+    if init == "gpt2":
+        return None  # GPT-2's BPE ships offline with openai-whisper (dtsweep.pretrain.language)
+    if init in HUB_INITS:
+        return f"init {init!r} is not a language model (no next-token head on text)"
+    path = _init_dir(init)
+    model_type = _read_dir_config(path)["model_type"]
+    if model_type != "gpt2":
+        return f"init {init!r} ({model_type}) is not a GPT-2 language model"
+    card = path / "card.json"
+    kind = json.loads(card.read_text()).get("kind") if card.is_file() else None
+    if kind not in (None, "language"):
+        return f"init {init!r} is not a language model (its card.json says kind {kind!r})"
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return f"init {init!r} has no tokenizer in {path} (tokenizer.json or vocab.json + merges.txt)"
+    return None
 
 
 def _block_architecture(config: GPT2Config) -> dict:
@@ -382,16 +445,24 @@ def build_decision_transformer(
     max_ep_len: int = 1000,
     position_embeddings: bool = False,
     timestep_embedding: str = "after_ln",
+    extend_positions: bool = False,
+    freeze: str = "none",
 ) -> DecisionTransformer:
     """Build a DecisionTransformer whose epoch-0 weights depend only on the arguments.
 
     The backbone is built as by `build_backbone(init, seed=seed, ...)` (identical weights), then
     the DT's embeddings and action head draw the next numbers of the same seeded stream.
     `context_len` K is checked against the backbone: with position_embeddings=True the 3K
-    tokens need 3K <= n_positions (1024 for every pretrained init: K up to 341).
+    tokens need 3K <= n_positions (1024 for gpt2 and igpt: K up to 341; chibit 256, clip 77).
+    extend_positions: the backbone's position table serves as the timestep embedding
+        (Reid et al. Table 6; see dtsweep.models.dt).
+    freeze: "none", or "blocks": the whole backbone frozen, only the input embeddings and the
+        action head train (Reid et al. Table 5; `DecisionTransformer.freeze_backbone`).
     """
     if context_len < 1:
         raise ValueError(f"context_len must be >= 1, got {context_len}")
+    if freeze not in FREEZE:
+        raise ValueError(f"freeze must be one of {FREEZE}, got {freeze!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = _build_backbone(init, dropout, overrides, swap_block, swap_from)
@@ -401,14 +472,18 @@ def build_decision_transformer(
                 f"context_len={context_len} needs {3 * context_len} positions, "
                 f"but {init!r} has n_positions={n_positions}"
             )
-        return DecisionTransformer(
+        model = DecisionTransformer(
             backbone,
             state_dim,
             act_dim,
             max_ep_len=max_ep_len,
             position_embeddings=position_embeddings,
             timestep_embedding=timestep_embedding,
+            extend_positions=extend_positions,
         )
+    if freeze == "blocks":
+        model.freeze_backbone()
+    return model
 
 
 def backbone_config_dict(model: DecisionTransformer) -> dict:

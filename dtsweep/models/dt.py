@@ -15,7 +15,17 @@ Reference details reproduced (Chen et al.'s DT, Reid et al.'s and Takagi's code)
   commented out, so the token stream carried only the timestep embedding. `GPT2Model` always
   adds `wpe`; with `position_embeddings=False` (the default) the DT swaps `transformer.wpe`
   for `NoPositionEmbedding`, which returns zeros and keeps the loaded table as its `.weight`
-  (same state-dict key, same tensor, frozen) for later work that wants to reuse it.
+  (same state-dict key, same tensor, frozen unless reused as below).
+- Position reuse (`extend_positions=True`, Reid et al. Table 6): the backbone's position table
+  *is* the timestep embedding (one shared, trained Parameter under both `transformer.wpe.weight`
+  and `embed_timestep.weight`), as in Reid's code, where `embed_timestep = transformer.wpe`.
+  A table shorter than max_ep_len (ChibiT's 256 positions, CLIP's 77) is extended by tiling:
+  row t is the pretrained row t mod n_positions. (Reid's code kept rows 0-1 out of the
+  repetition, a RoBERTa/Longformer habit that means nothing for GPT-2's table.) The default,
+  a fresh randomly initialised timestep table, is Reid's "rand. pos. emb." ablation.
+- Frozen backbone (`freeze_backbone()`, Reid et al. Table 5): every backbone tensor is frozen;
+  the return/state/action/timestep embeddings, `embed_ln` and the action head train. (Reid's
+  code froze the blocks `transformer.h` only and so also trained `ln_f`: 2H numbers.)
 - Timestep embedding: added after the embedding LayerNorm (`"after_ln"`, Reid's code, which
   Takagi follows) or before it (`"before_ln"`, the original DT).
 - Parameter names match the reference DT (`transformer.*`, `embed_timestep`, `embed_return`,
@@ -55,19 +65,29 @@ class NoPositionEmbedding(nn.Module):
 
     `forward(position_ids [..., T]) -> zeros [..., T, H]`. The backbone's position table is
     kept as `.weight` (state-dict key `transformer.wpe.weight`, exactly as with the real
-    embedding), frozen: it gets no gradient because it does not reach the output.
+    embedding). It is frozen (`frozen=True`) when nothing reads it; the DT passes
+    `frozen=False` when the table serves as its timestep embedding (`extend_positions`).
     """
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, *, frozen: bool = True):
         super().__init__()
         self.weight = weight
-        self.weight.requires_grad_(False)
+        self.weight.requires_grad_(not frozen)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.weight.new_zeros(*position_ids.shape, self.weight.shape[-1])
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, outputs zeros"
+
+
+def _tiled_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """`table` [n, H] extended to at least `rows` rows: row t is table[t mod n]. A table of
+    `rows` rows or more is returned as it is (a copy)."""
+    n = table.shape[0]
+    if n >= rows:
+        return table.clone()
+    return table[torch.arange(rows) % n].clone()
 
 
 @dataclass
@@ -77,6 +97,10 @@ class DTOutput:
     action_preds:  [B, K, A] predicted actions in (-1, 1), one per timestep, from the state token.
     last_hidden:   [B, 3K, H] final hidden states (after the backbone's ln_f), token order
                    R̂_1, s_1, a_1, R̂_2, ...
+    token_embeddings: [B, 3K, H] the return/state/action embeddings after `embed_ln`, before
+                   the timestep embedding is added ("after_ln"; with "before_ln" the timestep
+                   is inside the LayerNorm's input): what Reid's cosine loss compares with
+                   the language embeddings (`dtsweep.aux`).
     hidden_states: with output_hidden_states, n_layer + 1 tensors [B, 3K, H]: the input of
                    block 0 (embeddings after embd dropout), then each block's output, the last
                    one after ln_f; else None.
@@ -88,6 +112,7 @@ class DTOutput:
 
     action_preds: torch.Tensor
     last_hidden: torch.Tensor
+    token_embeddings: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -122,6 +147,9 @@ class DecisionTransformer(nn.Module):
             tokens; True keeps `GPT2Model`'s addition of `wpe` (then 3K must be <= n_positions).
         timestep_embedding: "after_ln" adds the timestep embedding after `embed_ln` (Reid et al.,
             Takagi); "before_ln" adds it before (the original DT).
+        extend_positions: the backbone's position table becomes the timestep embedding,
+            tiled to max_ep_len rows when shorter (see the module docstring). Needs
+            position_embeddings=False: the table would otherwise be added twice.
     """
 
     def __init__(
@@ -133,6 +161,7 @@ class DecisionTransformer(nn.Module):
         max_ep_len: int = 1000,
         position_embeddings: bool = False,
         timestep_embedding: str = "after_ln",
+        extend_positions: bool = False,
     ):
         super().__init__()
         if not isinstance(backbone, GPT2Model):
@@ -144,15 +173,25 @@ class DecisionTransformer(nn.Module):
                 f"timestep_embedding must be one of {TIMESTEP_EMBEDDINGS}, "
                 f"got {timestep_embedding!r}"
             )
+        if extend_positions and position_embeddings:
+            raise ValueError(
+                "extend_positions reuses the backbone's position table as the timestep embedding; "
+                "with position_embeddings=True it would be added twice"
+            )
         self.state_dim = state_dim
         self.act_dim = act_dim
         self.max_ep_len = max_ep_len
         self.position_embeddings = position_embeddings
         self.timestep_embedding = timestep_embedding
+        self.extend_positions = extend_positions
         hidden = backbone.config.n_embd
         self.hidden_size = hidden
 
-        if not position_embeddings and not isinstance(backbone.wpe, NoPositionEmbedding):
+        if extend_positions:
+            table = _tiled_positions(backbone.wpe.weight.detach(), max_ep_len)
+            backbone.config.n_positions = table.shape[0]  # so that from_config_dict rebuilds it
+            backbone.wpe = NoPositionEmbedding(nn.Parameter(table), frozen=False)
+        elif not position_embeddings and not isinstance(backbone.wpe, NoPositionEmbedding):
             backbone.wpe = NoPositionEmbedding(backbone.wpe.weight)
         if position_embeddings and isinstance(backbone.wpe, NoPositionEmbedding):
             raise ValueError("backbone.wpe was already neutralised; build a fresh backbone")
@@ -161,6 +200,10 @@ class DecisionTransformer(nn.Module):
         self.transformer = backbone
 
         self.embed_timestep = nn.Embedding(max_ep_len, hidden)
+        if extend_positions:
+            # Drawn above all the same, so that the other heads' initial weights do not depend
+            # on this option: the ablation changes the timestep table only.
+            self.embed_timestep.weight = backbone.wpe.weight
         self.embed_return = nn.Linear(1, hidden)
         self.embed_state = nn.Linear(state_dim, hidden)
         self.embed_action = nn.Linear(act_dim, hidden)
@@ -198,9 +241,10 @@ class DecisionTransformer(nn.Module):
         tokens = torch.stack((returns, self.embed_state(states), self.embed_action(actions)), dim=2)
         # tokens: [B, K, 3, H], the order R̂_t, s_t, a_t within each timestep
         if self.timestep_embedding == "before_ln":
-            tokens = self.embed_ln(tokens + time)
+            tokens = token_embeddings = self.embed_ln(tokens + time)
         else:
-            tokens = self.embed_ln(tokens) + time
+            token_embeddings = self.embed_ln(tokens)  # what Reid's cosine loss sees
+            tokens = token_embeddings + time
         tokens = tokens.reshape(batch, 3 * k, hidden)
 
         if attention_mask is None:
@@ -221,6 +265,7 @@ class DecisionTransformer(nn.Module):
         return DTOutput(
             action_preds=self.predict_action(state_tokens),
             last_hidden=last_hidden,
+            token_embeddings=token_embeddings.reshape(batch, 3 * k, hidden),
             hidden_states=out.hidden_states if output_hidden_states else None,
             attentions=out.attentions if output_attentions else None,
         )
@@ -242,6 +287,18 @@ class DecisionTransformer(nn.Module):
             for name in BLOCK_ACTIVATIONS
         }
 
+    def freeze_backbone(self) -> None:
+        """Freeze the backbone (blocks, ln_f, position table): Reid et al.'s frozen setting.
+
+        Afterwards only the input embeddings (return, state, action, timestep, `embed_ln`) and
+        the action head have requires_grad; with extend_positions the position table is the
+        timestep embedding and keeps training.
+        """
+        for p in self.transformer.parameters():
+            p.requires_grad_(False)
+        if self.extend_positions:
+            self.embed_timestep.weight.requires_grad_(True)
+
     def config_dict(self) -> dict:
         """JSON-serialisable description of the architecture; see `from_config_dict`."""
         return {
@@ -249,6 +306,7 @@ class DecisionTransformer(nn.Module):
             "max_ep_len": self.max_ep_len,
             "position_embeddings": self.position_embeddings,
             "timestep_embedding": self.timestep_embedding,
+            "extend_positions": self.extend_positions,
         }
 
     @classmethod
@@ -267,4 +325,5 @@ class DecisionTransformer(nn.Module):
                 max_ep_len=d["max_ep_len"],
                 position_embeddings=d["position_embeddings"],
                 timestep_embedding=d["timestep_embedding"],
+                extend_positions=d.get("extend_positions", False),  # absent before issue 9
             )

@@ -1,9 +1,16 @@
 """Evaluation: all episodes of an epoch at once, one batched forward per environment step.
 
 The reference DT evaluates episodes one after another with a full forward per step; here
-`n` Gymnasium MuJoCo envs step together (a synchronous vector env) and the model sees
-one [n, K, ...] batch per step. Episode i is seeded `seed + i` either way, so the batched
-and the one-at-a-time paths see the same initial states (tests check they agree).
+`n` Gymnasium MuJoCo envs run side by side and the model sees one [m, K, ...] batch per step,
+m = the episodes still running. Only those envs are stepped: an episode that has ended costs
+nothing more (a Gymnasium vector env would keep stepping and auto-resetting it). Episode i is
+seeded `seed + i` either way, so the batched and the one-at-a-time paths see the same initial
+states and compute the same returns (tests/test_evaluate.py; benchmarks/ times both).
+
+A DT without position embeddings (the reference's choice, dtsweep's default) computes the same
+outputs for the valid tokens whether or not masked padding precedes them, so while the episodes
+are shorter than the context the padding is left out rather than computed and masked. With
+position embeddings the padding shifts every token's position, so it is kept, as in training.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from dtsweep.data.trajectories import PAD_ACTION
+from dtsweep.data.trajectories import PAD_ACTION, PAD_RTG, PAD_STATE, PAD_TIMESTEP
 from dtsweep.envs import ENVS
+from dtsweep.models import DecisionTransformer
 
 
 @dataclass
@@ -24,7 +32,15 @@ class EvalResult:
     lengths: np.ndarray  # [n] episode lengths in env steps
 
 
-@torch.no_grad()
+def make_envs(env: str, n: int) -> list[gym.Env]:
+    """n Gymnasium envs of the dtsweep env `env`, for `evaluate_episodes(envs=...)` to reuse.
+
+    Making a MuJoCo env compiles its model; a trial evaluates every epoch, so it keeps its envs.
+    """
+    return [gym.make(ENVS[env].gym_id) for _ in range(n)]
+
+
+@torch.inference_mode()
 def evaluate_episodes(
     model: torch.nn.Module,
     env: str,
@@ -39,74 +55,79 @@ def evaluate_episodes(
     max_steps: int = 1000,
     max_ep_len: int = 1000,
     device: str | torch.device = "cpu",
+    envs: list[gym.Env] | None = None,
 ) -> EvalResult:
     """Roll out `n_episodes` episodes of the DT in parallel, conditioned on `target_return`.
 
-    Context handling matches training: the last `context_len` timesteps, padded on the
-    left with the training padding values and masked out. Returns raw env returns.
+    Context handling matches training: the last `context_len` timesteps, padded on the left
+    with the training padding values and masked out. The action slot of the current step holds
+    0 (the causal mask hides it from the state token that predicts it). Observations are
+    normalised in float32 with `state_mean` / `state_std` [S]. `envs`: envs of `env` to reuse
+    (see `make_envs`; the first n_episodes are reset and used, the caller keeps them); by
+    default n_episodes envs are made and closed here. Returns raw env returns and episode
+    lengths, each [n_episodes].
     """
     info = ENVS[env]
     n, k, s_dim, a_dim = n_episodes, context_len, info.obs_dim, info.act_dim
     was_training = model.training
     model.eval()
-    envs = gym.make_vec(info.gym_id, num_envs=n, vectorization_mode="sync")
+    owned = envs is None
+    if owned:
+        envs = make_envs(env, n)
+    elif len(envs) < n:
+        raise ValueError(f"{len(envs)} envs given for {n} episodes")
+    envs = envs[:n]
+    trim = isinstance(model, DecisionTransformer) and not model.position_embeddings
     try:
-        obs, _ = envs.reset(seed=seed)  # env i gets seed + i
+        obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
         mean = np.asarray(state_mean, dtype=np.float32)
         std = np.asarray(state_std, dtype=np.float32)
 
-        # Full histories [n, max_steps, ...]; windows are views of their last k steps.
-        states = np.zeros((n, max_steps, s_dim), dtype=np.float32)
-        actions = np.zeros((n, max_steps, a_dim), dtype=np.float32)
-        rtg = np.zeros((n, max_steps), dtype=np.float32)
+        # Histories [n, k - 1 + max_steps, ...] that start with k - 1 steps of training padding:
+        # step t lives in column t + k - 1, and its window is columns [t, t + k).
+        pad, cols = k - 1, k - 1 + max_steps
+        states = np.full((n, cols, s_dim), PAD_STATE, dtype=np.float32)
+        actions = np.zeros((n, cols, a_dim), dtype=np.float32)
+        actions[:, :pad] = PAD_ACTION
+        rtg = np.full((n, cols, 1), PAD_RTG, dtype=np.float32)
+        steps = np.minimum(np.arange(max_steps), max_ep_len - 1)
+        timesteps = torch.from_numpy(np.concatenate([np.full(pad, PAD_TIMESTEP), steps])).to(device)
+        mask = torch.cat([torch.zeros(pad), torch.ones(max_steps)]).to(device)
+
         returns = np.zeros(n, dtype=np.float64)
         lengths = np.zeros(n, dtype=np.int64)
-        active = np.ones(n, dtype=bool)
         rtg_now = np.full(n, target_return / rtg_scale, dtype=np.float32)
+        active = np.arange(n)  # episodes still running
 
         for t in range(max_steps):
-            states[:, t] = (obs - mean) / std
-            rtg[:, t] = rtg_now
-            lo = max(0, t + 1 - k)
-            idx = np.flatnonzero(active)
-            batch = _window(states, actions, rtg, idx, lo, t + 1, k, max_ep_len, device)
-            preds = model(**batch).action_preds[:, -1]
+            col = t + pad
+            states[active, col] = (obs[active] - mean) / std
+            rtg[active, col, 0] = rtg_now[active]
+            lo = max(t, pad) if trim else t  # first column of the window
+            m, w = len(active), t + k - lo
+            preds = model(
+                states=torch.from_numpy(states[active, lo : t + k]).to(device),
+                actions=torch.from_numpy(actions[active, lo : t + k]).to(device),
+                returns_to_go=torch.from_numpy(rtg[active, lo : t + k]).to(device),
+                timesteps=timesteps[lo : t + k].expand(m, w),
+                attention_mask=mask[lo : t + k].expand(m, w),
+            ).action_preds[:, -1]
             act = preds.float().clamp(-1.0, 1.0).cpu().numpy()
-            full = np.zeros((n, a_dim), dtype=np.float32)
-            full[idx] = act
-            actions[idx, t] = act
-            obs, reward, terminated, truncated, _ = envs.step(full)
-            returns[idx] += reward[idx]
-            lengths[idx] += 1
-            rtg_now = rtg_now - (reward / rtg_scale).astype(np.float32)
-            active &= ~(terminated | truncated)
-            if not active.any():
+            actions[active, col] = act
+            done = np.zeros(m, dtype=bool)
+            for j, i in enumerate(active):
+                o, reward, terminated, truncated, _ = envs[i].step(act[j])
+                obs[i] = o
+                returns[i] += reward
+                lengths[i] += 1
+                rtg_now[i] -= np.float32(reward / rtg_scale)  # float32, as the reference's torch tensor
+                done[j] = terminated or truncated
+            active = active[~done]
+            if len(active) == 0:
                 break
     finally:
-        envs.close()
+        if owned:
+            for e in envs:
+                e.close()
         model.train(was_training)
     return EvalResult(returns=returns, lengths=lengths)
-
-
-def _window(states, actions, rtg, idx, lo, hi, k, max_ep_len, device) -> dict[str, torch.Tensor]:
-    """Model inputs for rows `idx`, timesteps [lo, hi), left-padded to k like training."""
-    m, length = len(idx), hi - lo
-    pad = k - length
-    s = np.zeros((m, k, states.shape[-1]), dtype=np.float32)
-    a = np.full((m, k, actions.shape[-1]), PAD_ACTION, dtype=np.float32)
-    r = np.zeros((m, k, 1), dtype=np.float32)
-    ts = np.zeros((m, k), dtype=np.int64)
-    mask = np.zeros((m, k), dtype=np.float32)
-    s[:, pad:] = states[idx, lo:hi]
-    a[:, pad:] = actions[idx, lo:hi]
-    r[:, pad:, 0] = rtg[idx, lo:hi]
-    ts[:, pad:] = np.minimum(np.arange(lo, hi), max_ep_len - 1)
-    mask[:, pad:] = 1.0
-    to = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-    return {
-        "states": to(s),
-        "actions": to(a),
-        "returns_to_go": to(r),
-        "timesteps": to(ts),
-        "attention_mask": to(mask),
-    }

@@ -18,24 +18,64 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
+from transformers.activations import NewGELUActivation
 
+from dtsweep.aux import build_auxiliary
 from dtsweep.data import WindowSampler, load_dataset, split_trajectories
 from dtsweep.envs import ENVS, normalized_score
-from dtsweep.models import backbone_config_dict, build_decision_transformer
+from dtsweep.models import DecisionTransformer, backbone_config_dict, build_decision_transformer, eager_attention
 from dtsweep.spec import Trial
 from dtsweep.store import CHECKPOINTS_SCHEMA, METRICS_SCHEMA, Store, table_from_rows, write_checkpoint
-from dtsweep.train.evaluate import evaluate_episodes
+from dtsweep.train.evaluate import evaluate_episodes, make_envs
 
 # The action-error probe is the same fixed windows for every seed of a dataset, so curves
 # of different seeds and inits are measured on identical inputs.
 PROBE_SEED = 12345
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run, rather than silently running another one.
+
+    fp32: plain float32. tf32: float32 weights, matmuls on TF32 tensor cores (CUDA only).
+    bf16: float32 weights, forward under bf16 autocast (CUDA with bf16 support, or CPU).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"train.precision 'tf32' needs a CUDA device, not {device}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision 'bf16': {torch.cuda.get_device_name(device)} does not support bfloat16")
+
+
+def use_fused_gelu(model: DecisionTransformer) -> None:
+    """Compute GPT-2's tanh-approximated GELU (`gelu_new`) as one fused kernel.
+
+    transformers' `NewGELUActivation` spells the formula out in five elementwise ops (and as
+    many in the backward); `nn.GELU(approximate="tanh")` is the same function in one kernel
+    (outputs within 5e-7). Weights and state-dict keys are untouched. A small DT's training
+    step on CPU takes 15-20 % less time (benchmarks/README.md).
+    """
+    for block in model.transformer.h:
+        if isinstance(block.mlp.act, NewGELUActivation):
+            block.mlp.act = torch.nn.GELU(approximate="tanh")
+
+
+def training_attention(model: DecisionTransformer, device: torch.device):
+    """The attention kernel for training steps: SDPA's fused kernels on GPU; on CPU, where
+    attention dropout sends SDPA to its unfused math fallback, transformers' eager attention,
+    which is faster there (same function)."""
+    return eager_attention(model.transformer) if device.type == "cpu" else nullcontext()
 
 
 class TrialRunner:
@@ -68,13 +108,40 @@ class TrialRunner:
             max_ep_len=tc.max_ep_len,
             position_embeddings=tc.position_embeddings,
             timestep_embedding=tc.timestep_embedding,
+            extend_positions=tc.extend_positions,
+            freeze=tc.freeze,
         ).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        # Reid et al.'s auxiliary objectives (dtsweep.aux); None when the trial has none.
+        self.aux = build_auxiliary(trial.init, tc.aux, seed=trial.seed)
+        if self.aux is not None:
+            self.aux.to(self.device)
+        # Frozen tensors (train.freeze) stay out of the optimizer; the auxiliary objectives' own
+        # parameters (LM co-training's token table) join it and the gradient clipping.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.aux is not None:
+            self.params += list(self.aux.parameters())
+        use_fused_gelu(self.model)
+        # `precision` and `compile` are TrainConfig fields proposed in issue 8; until spec.py
+        # has them every trial runs in fp32, uncompiled (the defaults).
+        self.precision = getattr(tc, "precision", "fp32")
+        check_precision(self.precision, self.device)
+        if self.precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True  # process-wide: one trial per process
+            torch.backends.cudnn.allow_tf32 = True
+        # Only the training forward is compiled: its batches always have the same shape, while
+        # evaluation and the probe vary the batch size (each size would compile again).
+        self.train_forward = torch.compile(self.model) if getattr(tc, "compile", False) else self.model
+        # The fused kernel updates every tensor in one pass (no Python loop per parameter),
+        # on CUDA and on CPU; same AdamW update up to rounding.
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=tc.lr, weight_decay=tc.weight_decay, fused=self.device.type in ("cuda", "cpu")
+        )
         warmup = max(tc.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min((s + 1) / warmup, 1.0))
         # Dropout masks depend on this generator; it is saved with the resume state.
         torch.manual_seed(trial.seed)
 
+        self.eval_envs = None  # made at the first evaluation, reused by the later ones
         self.epoch = 0  # epochs completed
         self.step = 0
         self.wall_time_s = 0.0  # training + evaluation time, summed across restarts
@@ -90,6 +157,7 @@ class TrialRunner:
             "step": self.step,
             "wall_time_s": self.wall_time_s,
             "model": self.model.state_dict(),
+            "aux": self.aux.state_dict() if self.aux is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
@@ -102,6 +170,8 @@ class TrialRunner:
         if state["trial_id"] != self.tid:
             raise ValueError(f"resume state of trial {state['trial_id']} given to trial {self.tid}")
         self.model.load_state_dict(state["model"])
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
@@ -132,49 +202,75 @@ class TrialRunner:
         tc = self.trial.train
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for _ in range(tc.steps_per_epoch):
-            batch = self.sampler.sample()
-            loss = self._action_loss(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            total += loss.detach()  # no .item() per step: keeps GPU steps asynchronous
+        with training_attention(self.model, self.device):
+            for _ in range(tc.steps_per_epoch):
+                batch = self.sampler.sample()
+                with self.autocast():
+                    out = self.train_forward(**batch)
+                    loss = objective = self._action_mse(out, batch)
+                    if self.aux is not None:  # Reid's terms join the gradient; train_loss stays the MSE
+                        objective = loss + self.aux(self.step, self.model, out, batch["attention_mask"])
+                self.optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                if tc.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                total += loss.detach()  # no .item() per step: keeps GPU steps asynchronous
         return float(total) / tc.steps_per_epoch
 
-    def _action_loss(self, batch: dict) -> torch.Tensor:
-        """Mean squared action error over the valid (unpadded) timesteps."""
-        preds = self.model(**batch).action_preds
-        mask = batch["attention_mask"].bool()
-        return ((preds - batch["actions"]) ** 2)[mask].mean()
+    def autocast(self):
+        """bf16 autocast for `precision: bf16`, else nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @staticmethod
+    def _action_loss(forward, batch: dict) -> torch.Tensor:
+        """Mean squared action error over the valid (unpadded) timesteps, in float32.
+
+        A masked sum rather than boolean indexing: indexing needs the number of valid steps
+        on the host, a GPU sync every step.
+        """
+        return TrialRunner._action_mse(forward(**batch), batch)
+
+    @staticmethod
+    def _action_mse(out, batch: dict) -> torch.Tensor:
+        """`_action_loss` of a forward output `out` (a DTOutput) already computed."""
+        preds = out.action_preds.float()  # [B, K, A]
+        mask = batch["attention_mask"][..., None]  # [B, K, 1], 1.0 = valid
+        return ((preds - batch["actions"]) ** 2 * mask).sum() / (mask.sum() * preds.shape[-1])
 
     @torch.no_grad()
     def action_error(self) -> float:
         was = self.model.training
         self.model.eval()
-        err = self._action_loss(self.probe).item()
+        with self.autocast():
+            err = self._action_loss(self.model, self.probe).item()
         self.model.train(was)
         return err
 
     def evaluate(self) -> dict:
         t, ev = self.trial, self.trial.eval
-        res = evaluate_episodes(
-            self.model,
-            t.env,
-            n_episodes=ev.episodes,
-            seed=t.seed * 100_003 + self.epoch * 1_009,  # distinct per (seed, epoch)
-            target_return=t.target_return,
-            state_mean=self.traj.state_mean,
-            state_std=self.traj.state_std,
-            context_len=t.context_len,
-            rtg_scale=t.train.rtg_scale,
-            max_steps=ev.max_steps,
-            max_ep_len=t.train.max_ep_len,
-            device=self.device,
-        )
+        if self.eval_envs is None:
+            self.eval_envs = make_envs(t.env, ev.episodes)
+        with self.autocast():
+            res = evaluate_episodes(
+                self.model,
+                t.env,
+                n_episodes=ev.episodes,
+                seed=t.seed * 100_003 + self.epoch * 1_009,  # distinct per (seed, epoch)
+                target_return=t.target_return,
+                state_mean=self.traj.state_mean,
+                state_std=self.traj.state_std,
+                context_len=t.context_len,
+                rtg_scale=t.train.rtg_scale,
+                max_steps=ev.max_steps,
+                max_ep_len=t.train.max_ep_len,
+                device=self.device,
+                envs=self.eval_envs,
+            )
         return {
             "eval_return_mean": float(res.returns.mean()),
             "eval_return_std": float(res.returns.std()),
