@@ -11,6 +11,7 @@ from their last epoch (also after the driver itself was killed), new seeds only 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import sys
@@ -340,13 +341,6 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         resume = latest_resume_checkpoints(store)
 
-        def resources(config: dict):
-            r = config["job"]["trial"]["resources"]
-            bundle = {"CPU": r["cpu"]}
-            if has_gpu and r["gpu"] > 0:
-                bundle["GPU"] = r["gpu"]
-            return tune.PlacementGroupFactory([bundle])
-
         configs = []
         for t in todo:
             d = t.to_dict()
@@ -361,7 +355,7 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
         # Unique per run: a rerun seconds after a killed driver must not reuse its directory.
         run_name = dt.datetime.now().strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
         tuner = tune.Tuner(
-            tune.with_resources(train_trial, resources),
+            tune.with_resources(train_trial, functools.partial(trial_placement, has_gpu=has_gpu)),
             param_space={"job": tune.grid_search(configs)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=spec.ray.max_concurrent_trials,
@@ -388,6 +382,17 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
     finally:
         if started_here:
             ray.shutdown()
+
+
+def trial_placement(config: dict, *, has_gpu: bool):
+    """Tune placement of one trial: its spec's CPUs, and its GPU share where the cluster has GPUs."""
+    from ray import tune
+
+    r = config["job"]["trial"]["resources"]
+    bundle = {"CPU": r["cpu"]}
+    if has_gpu and r["gpu"] > 0:
+        bundle["GPU"] = r["gpu"]
+    return tune.PlacementGroupFactory([bundle])
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:

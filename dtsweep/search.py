@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import re
@@ -90,6 +91,7 @@ from dtsweep.orchestrate import (
     prepare_datasets,
     read_ledger,
     train_trial,
+    trial_placement,
 )
 from dtsweep.spec import (
     SEARCHABLE,
@@ -696,15 +698,8 @@ def _fit_group(spec, group: Group, history, continuing, n_run, store, table, led
             grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor,
         )  # fmt: skip
 
-    def resources(config: dict):
-        r = config["job"]["trial"]["resources"]
-        bundle = {"CPU": r["cpu"]}
-        if has_gpu and r["gpu"] > 0:
-            bundle["GPU"] = r["gpu"]
-        return tune.PlacementGroupFactory([bundle])
-
     tuner = tune.Tuner(
-        tune.with_resources(search_trial, resources),
+        tune.with_resources(search_trial, functools.partial(trial_placement, has_gpu=has_gpu)),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency),
             scheduler=scheduler,
