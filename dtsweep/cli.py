@@ -158,14 +158,14 @@ def cmd_assets(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from dtsweep.diagnostics.job import KINDS, run_diagnostics
+    from dtsweep.diagnostics.job import FAST_OPTIONS, KINDS, run_diagnostics
 
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"--kinds: unknown kind {unknown[0]!r}; allowed: {','.join(KINDS)}")
     _require_sweep_dir(args.sweep_dir, "checkpoints.parquet")
-    out = run_diagnostics(args.sweep_dir, kinds)
+    out = run_diagnostics(args.sweep_dir, kinds, options=FAST_OPTIONS if args.fast else None, address=args.address)
     for kind, path in out.items():
         print(f"{kind:<10} {path}")
     return 0
@@ -243,6 +243,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q = sub.add_parser("diagnose", help="Ray Data job: every diagnostic of the sweep's checkpoints -> diagnostics/*.parquet")
     q.add_argument("sweep_dir")
     q.add_argument("--kinds", help="comma-separated subset of cka,mine,params,gradients,attention (default: all)")
+    q.add_argument("--fast", action="store_true",
+                   help="small samples and critics: a CPU smoke run in seconds per trial (MINE underestimates); not for conclusions")
+    q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the cluster on this node, else a local Ray)")
     q.set_defaults(func=cmd_diagnose)
 
     q = sub.add_parser("report", help="tables, figures and the papers' findings with seed CIs -> report/")

@@ -334,6 +334,9 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
     import ray
     from ray import tune
 
+    # Tune warns each time num_to_keep=1 forces an experiment snapshot; with one checkpoint
+    # per epoch that is by design, and the warning would drown the progress lines.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_here = not ray.is_initialized()
     if started_here:
         init_ray(address, num_cpus=spec.ray.num_cpus)

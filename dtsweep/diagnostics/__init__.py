@@ -1,0 +1,46 @@
+"""The analyses of Takagi (2022), measured on every trial of a sweep (DESIGN §4).
+
+    linear_cka(x, y, debiased=False)          cka.py        representation similarity of n examples
+    estimate_mi(x, y) / estimate_mi_batched   mine.py       MINE mutual information, nats
+    param_changes(state_a, state_b)           params.py     per-tensor L2 distance and cosine
+    per_sample_grads / gradient_stats         gradients.py  per-sample gradient norms, confusion, shares
+    attention_distance(attn, mask)            attention.py  mean attended distance per head, tokens
+    run_diagnostics(sweep_dir, kinds)         job.py        all of them as a Ray Data job -> Parquet
+
+Where the released reference code got an analysis wrong, and what is done here instead:
+- CKA sliced the feature axis: here the rows compared are examples (tokens), never units;
+- attention distance averaged over heads and masked after the softmax: here each head is
+  measured on the model's own masked softmax, and padded queries are left out.
+"""
+
+from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
+from dtsweep.diagnostics.cka import linear_cka
+from dtsweep.diagnostics.gradients import (
+    GradientStats,
+    clip_per_sample,
+    dt_action_loss,
+    dt_gradient_stats,
+    gradient_confusion,
+    gradient_stats,
+    norm_shares,
+    per_sample_grads,
+)
+from dtsweep.diagnostics.mine import estimate_mi, estimate_mi_batched
+from dtsweep.diagnostics.params import param_changes
+
+__all__ = [
+    "GradientStats",
+    "attention_distance",
+    "clip_per_sample",
+    "dt_action_loss",
+    "dt_gradient_stats",
+    "estimate_mi",
+    "estimate_mi_batched",
+    "gradient_confusion",
+    "gradient_stats",
+    "linear_cka",
+    "norm_shares",
+    "param_changes",
+    "per_sample_grads",
+    "tokens_to_timesteps",
+]
