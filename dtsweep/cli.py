@@ -50,38 +50,44 @@ def cmd_plan(args) -> int:
     from dtsweep.costs import estimate
 
     spec = _load(args.sweep, args.storage)
-    trials = spec.trials()
-    rows, gpu_h, storage = [], 0.0, 0
-    for t in trials:
-        c = estimate(t)
-        gpu_h += c.gpu_hours
-        storage += c.storage_bytes
-        rows.append({**t.columns(), "epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch,
-                     "params": c.params, "gpu_hours": round(c.gpu_hours, 4), "storage_bytes": c.storage_bytes})  # fmt: skip
-    per_study = Counter(t.study for t in trials)
-    # Search studies: num_samples trials per group, costed as the group's trial trained to
-    # the end (an upper bound when ASHA stops samples early).
-    searches = {st.name: [(t, estimate(t)) for t in spec.grid(st)] for st in spec.studies if st.search is not None}
+    # (study, trial, cost, how many trials it stands for). A search study counts num_samples
+    # trials per group, each costed as the group's trial trained to the end (an upper bound
+    # when ASHA stops samples early).
+    items = []
     for st in spec.studies:
-        for t, c in searches.get(st.name, []):
-            per_study[st.name] += st.search.num_samples
-            gpu_h += st.search.num_samples * c.gpu_hours
-            storage += st.search.num_samples * c.storage_bytes
+        n = st.search.num_samples if st.search is not None else 1
+        items += [(st.name, t, estimate(t), n) for t in spec.grid(st)]
+    rows = [{**t.columns(), "epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch, "params": c.params,
+             "device": "GPU" if t.resources.gpu > 0 else "CPU", "hours": round(c.gpu_hours, 4),
+             "gpu_hours": round(c.gpu_hours, 4) if t.resources.gpu > 0 else 0.0, "storage_bytes": c.storage_bytes}
+            for _, t, c, n in items if n == 1]  # fmt: skip
+
+    def total(study=None, device=None):
+        return sum(n * c.gpu_hours for s, t, c, n in items
+                   if (study is None or s == study) and (device is None or (t.resources.gpu > 0) == (device == "GPU")))  # fmt: skip
+
+    n_trials = Counter()
+    for s, _, _, n in items:
+        n_trials[s] += n
+    storage = sum(n * c.storage_bytes for _, _, c, n in items)
     if args.json:
-        out = {"sweep": spec.name, "sweep_dir": spec.sweep_dir, "total_trials": sum(per_study.values()),
-               "studies": dict(per_study), "gpu_hours": round(gpu_h, 2),
-               "storage_gb": round(storage / 1e9, 3), "trials": rows}  # fmt: skip
+        out = {"sweep": spec.name, "sweep_dir": spec.sweep_dir, "total_trials": sum(n_trials.values()),
+               "studies": dict(n_trials), "gpu_hours": round(total(device="GPU"), 2),
+               "cpu_hours": round(total(device="CPU"), 2), "storage_gb": round(storage / 1e9, 3), "trials": rows}  # fmt: skip
         print(json.dumps(out, indent=1))
         return 0
+
+    def hours(study=None) -> str:
+        g, c = total(study, "GPU"), total(study, "CPU")
+        return " + ".join(f"~{h:,.1f} {d}-h" for h, d in ((g, "GPU"), (c, "CPU")) if h > 0) or "~0 h"
+
     print(f"sweep {spec.name} -> {spec.sweep_dir}")
     for st in spec.studies:
-        sub = [r for r in rows if r["study"] == st.name]
-        h = sum(r["gpu_hours"] for r in sub) + sum(st.search.num_samples * c.gpu_hours for _, c in searches.get(st.name, []))
-        kind = f" (search: {len(searches[st.name])} groups x {st.search.num_samples} samples, at most)" if st.name in searches else ""
-        print(f"  {st.name:<16} {per_study[st.name]:>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
-              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  ~{h:,.1f} GPU-h{kind}")  # fmt: skip
-    print(f"  total            {sum(per_study.values()):>5} trials  ~{gpu_h:,.1f} GPU-hours  ~{storage / 1e9:,.1f} GB "
-          "(estimates: see dtsweep/costs.py)")  # fmt: skip
+        kind = f" (search: {len(spec.grid(st))} groups x {st.search.num_samples} samples, at most)" if st.search else ""
+        print(f"  {st.name:<16} {n_trials[st.name]:>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
+              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  {hours(st.name)}{kind}")  # fmt: skip
+    print(f"  total            {sum(n_trials.values()):>5} trials  {hours()}  ~{storage / 1e9:,.1f} GB "
+          "(estimates: dtsweep/costs.py; CPU figures measured, GPU figures estimated)")  # fmt: skip
     return 0
 
 

@@ -1,10 +1,21 @@
-"""What a sweep will cost: GPU-hours and storage per trial, from a documented cost model.
+"""What a sweep will cost: GPU-hours and storage per trial, from a table of device figures.
 
-Time per training step is modelled as a fixed overhead plus the matmul work of the
-backbone, `6 × block_params × tokens` FLOPs (forward + backward), at an effective
-throughput. The constants below are estimates for one A100/H100-class GPU running fp32
-(TF32) training; `benchmarks/` measures the real figures and this table should follow
-them (benchmarks/README.md records the machine each figure came from).
+Time per training step is a fixed overhead plus the matmul work of the backbone,
+`6 × block_params × tokens` FLOPs (forward + backward), at an effective throughput; an
+evaluation step (all episodes of an epoch advance one env step) is an overhead plus the forward
+work `2 × block_params × episodes × 3K` plus one MuJoCo step per episode, run one after another.
+
+The figures come from `benchmarks/run.py` (its "cost_table"; benchmarks/README.md records each
+run and its machine). Which device a trial is costed on follows its resources: a trial that asks
+for a GPU fraction is costed on `GPU`, one that asks for none on `CPU`.
+
+- `CPU`: measured with benchmarks/run.py on one core of the 2-core development machine named
+  below, in CPU time (the machine was shared; CPU time leaves out the time other jobs held the
+  core). The throughput is a two-point fit through a tiny DT (2 × 32) and a ChibiT-sized one
+  (3 × 128): good between and around those sizes; nobody trains GPT-2 on a CPU.
+- `GPU`: estimates for one A100/H100-class GPU running fp32/TF32 training, not yet measured
+  (no GPU was available to the benchmark runs so far). `ENV_STEP_S` (MuJoCo runs on the host
+  CPU either way) is the CPU measurement.
 
 Storage counts the analysis checkpoints (fp32 weights, one Parquet file per epoch listed
 in checkpoint_epochs), one resume state (weights + AdamW moments) and metrics.
@@ -17,18 +28,55 @@ from dataclasses import dataclass
 from dtsweep.envs import ENVS
 from dtsweep.spec import Trial
 
-# Effective throughput and per-step overheads (seconds) — estimates, see module docstring.
-EFFECTIVE_FLOPS = 50e12  # FLOP/s of a GPU on this workload (≈ 1/3 of TF32 peak of an A100)
-STEP_OVERHEAD_S = 0.006  # Python + optimizer + sampler per training step
-EVAL_STEP_OVERHEAD_S = 0.004  # one batched forward + vector env step, per env step
-ENV_STEP_S = 40e-6  # one MuJoCo env step on a CPU core
+
+@dataclass(frozen=True)
+class Device:
+    """Throughput of one kind of device on a DT trial (see the module docstring).
+
+    train_flops: effective FLOP/s on the training work 6 · block_params · tokens.
+    train_step_overhead_s: seconds per training step on top of that work (sampling, small ops,
+        optimizer, launch overheads).
+    eval_step_overhead_s: seconds per batched evaluation step on top of its forward work.
+    env_step_s: seconds per MuJoCo env step (host CPU).
+    """
+
+    name: str
+    source: str
+    train_flops: float
+    train_step_overhead_s: float
+    eval_step_overhead_s: float
+    env_step_s: float
+
+
+# One MuJoCo hopper step (Gymnasium wrappers included), CPU time, measured on the machine of `CPU`.
+ENV_STEP_S = 86e-6
+
+# benchmarks/results/cpu-2core.json ("cost_table"), full run of 2026-11-21 21:33 UTC.
+CPU = Device(
+    name="1 core of a 2-core Intel Xeon VM (AVX-512, AMX), torch 2.13 CPU, 1 thread",
+    source="measured: benchmarks/run.py, CPU time (benchmarks/results/cpu-2core.json)",
+    train_flops=67e9,
+    train_step_overhead_s=0.033,
+    eval_step_overhead_s=0.0017,
+    env_step_s=ENV_STEP_S,
+)
+
+GPU = Device(
+    name="one A100/H100-class GPU, fp32 with TF32 matmuls",
+    source="estimate: no GPU measured yet (benchmarks/run.py measures one when CUDA is present)",
+    train_flops=50e12,  # ≈ 1/3 of an A100's TF32 peak
+    train_step_overhead_s=0.006,  # Python, optimizer and sampler per training step
+    eval_step_overhead_s=0.004,  # one batched forward's launch overhead per env step
+    env_step_s=ENV_STEP_S,
+)
 
 # Architecture of each named init: layers, width, vocabulary rows, positions.
 ARCH = {
     "random": (12, 768, 1, 1024),
     "random-ref": (12, 768, 1, 1024),
-    "gpt2": (12, 768, 50257, 1024),
-    "igpt": (24, 512, 513, 1024),
+    "gpt2": (12, 768, 1, 1024),
+    "igpt": (24, 512, 1, 1024),
+    "clip": (12, 512, 1, 77),
 }
 
 
@@ -38,20 +86,32 @@ class TrialCost:
     gpu_hours: float  # trial wall time × its GPU fraction (CPU-hours when it asks for no GPU)
     hours: float  # estimated wall time of the trial alone on its resources
     storage_bytes: int
+    device: str  # name of the Device the time was estimated for
 
 
 def architecture(trial: Trial) -> tuple[int, int, int, int]:
-    """(n_layer, n_embd, vocab rows, positions) of the trial's backbone, without downloading."""
+    """(n_layer, n_embd, vocab rows, positions) of the trial's backbone, without downloading.
+
+    Vocabulary rows are 1 for every init: the DT keeps no token table (dtsweep.models.backbones).
+    """
     from dtsweep.models.backbones import backbone_depth, backbone_width
 
     if trial.init in ARCH and not trial.model:
         return ARCH[trial.init]
     layers = backbone_depth(trial.init, trial.model or None)
     width = backbone_width(trial.init, trial.model or None)
-    return layers, width, 1 if trial.init in ("random", "random-ref") else 50257, 1024
+    # The DT drops every backbone's token table (vocab rows = 1) and keeps its position table.
+    return layers, width, 1, 1024
 
 
-def estimate(trial: Trial) -> TrialCost:
+def device_for(trial: Trial) -> Device:
+    """The device a trial is costed on: `GPU` if it asks for any GPU, else `CPU`."""
+    return GPU if trial.resources.gpu > 0 else CPU
+
+
+def estimate(trial: Trial, device: Device | None = None) -> TrialCost:
+    """Parameters, hours, GPU-hours (or CPU-hours) and storage of one trial on `device`."""
+    dev = device or device_for(trial)
     layers, d, vocab, positions = architecture(trial)
     info = ENVS[trial.env]
     block_params = layers * (12 * d * d + 13 * d)
@@ -59,14 +119,20 @@ def estimate(trial: Trial) -> TrialCost:
     params = block_params + (vocab + positions) * d + dt_params
 
     tokens = trial.train.batch_size * 3 * trial.context_len
-    step_s = STEP_OVERHEAD_S + 6 * block_params * tokens / EFFECTIVE_FLOPS
+    step_s = dev.train_step_overhead_s + 6 * block_params * tokens / dev.train_flops
     train_s = trial.epochs * trial.train.steps_per_epoch * step_s
     n_eps = trial.eval.episodes
-    eval_step_s = EVAL_STEP_OVERHEAD_S + 2 * block_params * n_eps * 3 * trial.context_len / EFFECTIVE_FLOPS + n_eps * ENV_STEP_S
+    eval_step_s = (
+        dev.eval_step_overhead_s
+        + 2 * block_params * n_eps * 3 * trial.context_len / dev.train_flops
+        + n_eps * dev.env_step_s
+    )
     eval_s = trial.epochs * trial.eval.max_steps * eval_step_s
     hours = (train_s + eval_s) / 3600
     share = trial.resources.gpu if trial.resources.gpu > 0 else trial.resources.cpu
 
     weights = 4 * params
     storage = weights * len(trial.checkpoint_epochs) + 3 * weights + 2000 * (trial.epochs + 1)
-    return TrialCost(params=int(params), gpu_hours=hours * share, hours=hours, storage_bytes=int(storage))
+    return TrialCost(
+        params=int(params), gpu_hours=hours * share, hours=hours, storage_bytes=int(storage), device=dev.name
+    )

@@ -108,6 +108,9 @@ class TrainConfig:
     freeze: str = "none"  # "blocks": backbone frozen, embeddings and action head train (Table 5)
     extend_positions: bool = False  # the backbone's position table is the timestep embedding (Table 6)
     aux: Aux = field(default_factory=Aux)
+    # Speed (issue 8), hashed only when set like the fields above.
+    precision: str = "fp32"  # "fp32" | "tf32" (CUDA matmuls) | "bf16" (autocast)
+    compile: bool = False  # torch.compile the training forward
 
 
 @dataclass(frozen=True)
@@ -302,7 +305,7 @@ RESULT_FIELDS = (
 
 # TrainConfig fields added after trial ids were first handed out. They enter the hash only
 # when they differ from their defaults, so every trial that does not use them keeps its id.
-HASHED_WHEN_SET = ("freeze", "extend_positions", "aux")
+HASHED_WHEN_SET = ("freeze", "extend_positions", "aux", "precision", "compile")
 
 
 def trial_id(trial_dict: dict) -> str:
@@ -477,6 +480,8 @@ def _build_dataclass(cls, given: dict, path: str, base):
             if v not in ("after_ln", "before_ln"):
                 raise _fail(p, v, "'after_ln' (Reid et al.) or 'before_ln' (original DT)")
             values[f.name] = v
+        elif f.name == "precision":
+            values[f.name] = _one_of(v, ("fp32", "tf32", "bf16"), p)
         elif f.name == "freeze":
             if v not in FREEZE:
                 raise _fail(p, v, "'none' or 'blocks' (backbone frozen: only embeddings and action head train)")

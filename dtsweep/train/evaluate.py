@@ -5,7 +5,9 @@ The reference DT evaluates episodes one after another with a full forward per st
 m = the episodes still running. Only those envs are stepped: an episode that has ended costs
 nothing more (a Gymnasium vector env would keep stepping and auto-resetting it). Episode i is
 seeded `seed + i` either way, so the batched and the one-at-a-time paths see the same initial
-states and compute the same returns (tests/test_evaluate.py; benchmarks/ times both).
+states and feed the model the same windows (tests/test_evaluate.py; benchmarks/ times both).
+Their actions agree up to float rounding (batch shapes round differently), which the chaotic
+dynamics of a long HalfCheetah episode can amplify into visibly different returns.
 
 A DT without position embeddings (the reference's choice, dtsweep's default) computes the same
 outputs for the valid tokens whether or not masked padding precedes them, so while the episodes

@@ -121,16 +121,14 @@ class TrialRunner:
         if self.aux is not None:
             self.params += list(self.aux.parameters())
         use_fused_gelu(self.model)
-        # `precision` and `compile` are TrainConfig fields proposed in issue 8; until spec.py
-        # has them every trial runs in fp32, uncompiled (the defaults).
-        self.precision = getattr(tc, "precision", "fp32")
+        self.precision = tc.precision
         check_precision(self.precision, self.device)
         if self.precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True  # process-wide: one trial per process
             torch.backends.cudnn.allow_tf32 = True
         # Only the training forward is compiled: its batches always have the same shape, while
         # evaluation and the probe vary the batch size (each size would compile again).
-        self.train_forward = torch.compile(self.model) if getattr(tc, "compile", False) else self.model
+        self.train_forward = torch.compile(self.model) if tc.compile else self.model
         # The fused kernel updates every tensor in one pass (no Python loop per parameter),
         # on CUDA and on CPU; same AdamW update up to rounding.
         self.optimizer = torch.optim.AdamW(
