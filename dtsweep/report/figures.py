@@ -117,15 +117,7 @@ def action_error_curves(sweep: Sweep) -> tuple[Figure, str]:
 
 
 def block_swap(sweep: Sweep) -> tuple[Figure, str]:
-    m = sweep.require_metrics()
-    swaps = m[m["swap_block"].notna()]
-    if swaps.empty:
-        raise MissingData("needs block-swap trials (swap_block set): add a block-swap study to the sweep and run it")
-    k = int(swaps["context_len"].mode().iloc[0])  # the papers swap at K=1 only
-    swaps = swaps[swaps["context_len"] == k]
-    last = int(swaps["epoch"].max())
-    base = no_swap(m)
-    base = base[(base["context_len"] == k) & (base["epoch"] <= last)]
+    swaps, base, k = M.swap_runs(sweep.require_metrics())
     envs = _envs(swaps)
     fig, axes = _grid(len(envs), 2)
     blocks = sorted(swaps["swap_block"].astype(int).unique())

@@ -181,15 +181,9 @@ def f5_no_context(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
 
 
 def f6_block_swap(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
-    m = sweep.require_metrics()
-    swaps = m[m["swap_block"].notna()]
-    if swaps.empty:
-        raise MissingData("needs block-swap trials (swap_block set): add a block-swap study to the sweep and run it")
-    k = int(swaps["context_len"].mode().iloc[0])  # the papers swap at K=1 only
-    swaps = swaps[swaps["context_len"] == k]
+    swaps, base, k = M.swap_runs(sweep.require_metrics())
     last = int(swaps["epoch"].max())
-    base = no_swap(m)
-    base = base[(base["context_len"] == k) & (base["init"] == "random")]
+    base = base[base["init"] == "random"]
     if base.empty:
         raise MissingData(f"needs init=random trials at context_len={k} without a swap: the block swaps' baseline")
     arms = pd.concat([

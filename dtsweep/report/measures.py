@@ -167,3 +167,18 @@ def attention_gaps(att: pd.DataFrame, epoch: int = ATTENTION_EPOCH) -> tuple[pd.
     d = d.unstack("epoch").dropna()
     gaps = (d[used] - d[0]).abs().rename("gap").reset_index()
     return gaps, used
+
+
+def swap_runs(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(block-swap rows, their unswapped rows at the same K up to the last swap epoch, K).
+
+    The papers swap at one context length (K=1); the most common K of the swap trials is used.
+    """
+    swaps = m[m["swap_block"].notna()]
+    if swaps.empty:
+        raise MissingData("needs block-swap trials (swap_block set): add a block-swap study to the sweep and run it")
+    k = int(swaps["context_len"].mode().iloc[0])
+    swaps = swaps[swaps["context_len"] == k]
+    base = no_swap(m)
+    base = base[(base["context_len"] == k) & (base["epoch"] <= int(swaps["epoch"].max()))]
+    return swaps, base, k
