@@ -141,10 +141,12 @@ def cmd_data_make(args) -> int:
 def cmd_data_train_behaviour(args) -> int:
     from dtsweep.data import behaviour
 
-    argv = ["train", args.env, "--seed", str(args.seed), "--max-steps", str(args.max_steps)]
-    if args.out_dir:
-        argv += ["--out-dir", args.out_dir]
-    behaviour.main(argv)
+    # Options left out come from the env's recipe in behaviour.RECIPES (the shipped actors' settings).
+    argv = ["train", args.env]
+    for flag, value in (("--seed", args.seed), ("--max-steps", args.max_steps), ("--out-dir", args.out_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    behaviour.main(argv, command="python -m dtsweep data " + " ".join(["train-behaviour", *argv[1:]]))
     return 0
 
 
@@ -228,8 +230,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_make)
     q = dsub.add_parser("train-behaviour", help="train the SAC behaviour policy behind ENV-medium (tens of minutes)")
     q.add_argument("env", help="hopper, halfcheetah or walker2d")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--max-steps", type=int, default=400_000)
+    q.add_argument("--seed", type=int, help="default: the env's recipe")
+    q.add_argument("--max-steps", type=int, help="default: the env's recipe")
     q.add_argument("--out-dir", help="default: the package's asset folder")
     q.set_defaults(func=cmd_data_train_behaviour)
 

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from dtsweep.data import behaviour as bh
-from dtsweep.data.d4rl import D4RL_DTYPES, D4RL_KEYS, make_dataset, read_d4rl_hdf5, read_dataset_card
+from dtsweep.data.d4rl import (
+    D4RL_DTYPES, D4RL_KEYS, make_dataset, read_d4rl_hdf5, read_dataset_card,
+)
 from dtsweep.envs import ENVS, normalized_score
 
-ENV_NAMES = sorted(ENVS)
-# Envs whose behaviour actor ships in the package (issue 3: walker2d's is not trained yet);
-# every test of a shipped actor runs for each of them.
-SHIPPED = [e for e in ENV_NAMES if (bh.behaviour_asset_dir(e) / "actor.safetensors").exists()]
+ENV_NAMES = sorted(ENVS)  # every env ships an actor; a missing one fails its tests
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def one_thread():
 # ----------------------------------------------------------------------------- shipped actors
 
 
-@pytest.mark.parametrize("env", SHIPPED)
+@pytest.mark.parametrize("env", ENV_NAMES)
 def test_shipped_actor_samples_bounded_actions_deterministic_by_rng(env):
     info = ENVS[env]
     policy = bh.load_behaviour_policy(env)
@@ -45,7 +44,7 @@ def test_shipped_actor_samples_bounded_actions_deterministic_by_rng(env):
     assert not np.allclose(a, policy(obs[::-1].copy(), np.random.default_rng(1))[::-1])
 
 
-@pytest.mark.parametrize("env", SHIPPED)
+@pytest.mark.parametrize("env", ENV_NAMES)
 def test_shipped_card_describes_an_in_band_actor(env):
     card = bh.load_behaviour_card(env)
     info = ENVS[env]
@@ -72,12 +71,12 @@ def test_shipped_card_describes_an_in_band_actor(env):
 
 
 def test_shipped_actors_fit_in_one_megabyte():
-    total = sum((bh.behaviour_asset_dir(e) / "actor.safetensors").stat().st_size for e in SHIPPED)
+    total = sum((bh.behaviour_asset_dir(e) / "actor.safetensors").stat().st_size for e in ENV_NAMES)
     assert total < 1_000_000
 
 
 @pytest.mark.parametrize(
-    "env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in SHIPPED]
+    "env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in ENV_NAMES]
 )
 def test_card_score_is_reproduced_by_the_saved_weights(env):
     card = bh.load_behaviour_card(env)
@@ -176,6 +175,19 @@ def test_train_behaviour_keeps_the_closest_snapshot_when_the_band_is_missed(tmp_
                               out_dir=tmp_path, log=lambda s: None)
     assert card["in_band"] is False and card["training_steps"] in (200, 300)
     assert bh.load_behaviour_card("hopper", tmp_path) == json.loads(json.dumps(card))
+    # An actor outside the band makes no `medium` dataset.
+    with pytest.raises(ValueError, match="outside the medium band"):
+        bh.make_medium_dataset("hopper", 100, 0, tmp_path / "m.hdf5", asset_dir=tmp_path)
+    assert not (tmp_path / "m.hdf5").exists()
+
+
+def test_cli_fills_unset_options_from_the_env_recipe(tmp_path):
+    # hopper's recipe evaluates every 1000 steps; 300 steps end before the first evaluation.
+    with pytest.raises(ValueError, match=r"start_steps=5000, eval_every=1000"):
+        bh.main(["train", "hopper", "--max-steps", "300", "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"eval_every=7"):
+        bh.main(["train", "hopper", "--max-steps", "300", "--eval-every", "7",
+                 "--out-dir", str(tmp_path)])
 
 
 def test_unknown_env_is_rejected():
@@ -218,7 +230,7 @@ def test_medium_dataset_is_deterministic_by_seed(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in SHIPPED]
+    "env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in ENV_NAMES]
 )
 def test_medium_dataset_behaviour_score_is_in_band(tmp_path, env):
     card = bh.make_medium_dataset(env, 20_000, 0, tmp_path / f"{env}-medium.hdf5")
@@ -230,8 +242,3 @@ def test_medium_dataset_behaviour_score_is_in_band(tmp_path, env):
 def test_medium_is_the_registered_generator(tmp_path):
     card = make_dataset("hopper-medium", steps=500, seed=0, out_path=tmp_path / "m.hdf5")
     assert card["generator"] == "dtsweep.data.behaviour.make_medium_dataset"
-
-
-def test_hopper_and_halfcheetah_actors_ship():
-    # The bands of issue 3 are reached for these two; a missing one is a packaging error.
-    assert {"hopper", "halfcheetah"} <= set(SHIPPED)
