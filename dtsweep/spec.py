@@ -247,6 +247,10 @@ class Trial:
         return trial_id(self.to_dict())
 
     @property
+    def config_key(self) -> str:
+        return config_key(self.to_dict())
+
+    @property
     def epochs(self) -> int:
         return self.train.epochs
 
@@ -310,7 +314,17 @@ HASHED_WHEN_SET = ("freeze", "extend_positions", "aux", "precision", "compile")
 
 def trial_id(trial_dict: dict) -> str:
     """Stable 16-hex-digit id: sha256 of the canonical JSON of the result-determining fields."""
-    payload = {k: trial_dict[k] for k in RESULT_FIELDS}
+    return _result_hash(trial_dict, RESULT_FIELDS)
+
+
+def config_key(trial_dict: dict) -> str:
+    """16-hex-digit hash of the result-determining fields except the seed: trials with the same
+    config_key are replicates (seeds) of one condition, and only they are pooled by the report."""
+    return _result_hash(trial_dict, tuple(f for f in RESULT_FIELDS if f != "seed"))
+
+
+def _result_hash(trial_dict: dict, fields: tuple) -> str:
+    payload = {k: trial_dict[k] for k in fields}
     payload["result_version"] = RESULT_VERSION
     unset = dataclasses.asdict(TrainConfig())
     payload["train"] = {

@@ -81,9 +81,15 @@ def test_shipped_actors_fit_in_one_megabyte():
 def test_card_score_is_reproduced_by_the_saved_weights(env):
     card = bh.load_behaviour_card(env)
     policy = bh.load_behaviour_policy(env)
-    returns = bh.evaluate_policy(env, policy, card["eval"]["episodes"], card["eval"]["seed"])
-    assert returns.mean() == pytest.approx(card["eval"]["return_mean"], rel=1e-9)
-    assert returns.std() == pytest.approx(card["eval"]["return_std"], rel=1e-9)
+    ev = card["eval"]
+    returns = bh.evaluate_policy(env, policy, ev["episodes"], ev["seed"])
+    # Not bit for bit: 1000-step MuJoCo episodes are chaotic, and another CPU's rounding
+    # (the cards were made on an Intel Xeon; AMD EPYC differs) moves single episodes by
+    # hundreds. The same weights must give the card's score within its sampling error:
+    # 4 standard errors of the mean, and a spread within 30% of the card's.
+    standard_error = ev["return_std"] / np.sqrt(ev["episodes"])
+    assert abs(returns.mean() - ev["return_mean"]) <= 4 * standard_error
+    assert returns.std() == pytest.approx(ev["return_std"], rel=0.3)
 
 
 # ----------------------------------------------------------------------------- SAC
