@@ -67,7 +67,10 @@ def fit_palette(images: np.ndarray, n_colors: int, seed: int) -> np.ndarray:
     Clustering the 256 grey levels weighted by how often each occurs is exactly k-means over all
     pixels, at the cost of a histogram.
     """
-    from sklearn.cluster import KMeans
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError as e:
+        raise ImportError("fitting the palette needs scikit-learn: pip install 'dtsweep[pretrain]'") from e
 
     counts = np.bincount(images.ravel(), minlength=256)
     levels = np.flatnonzero(counts)
