@@ -12,7 +12,9 @@ x {1, 3} envs x normal, lognormal sigma=1, exponential, t(3), and normal with th
 - "old": the previous rule, `stats.compare_groups` (percentile bootstrap, 2,000 resamples, as the
   report ran it) fed to `stats.verdict` with min_seeds=3.
 
-Each rate comes with its binomial standard error sqrt(r (1 - r) / n). Power cells: normal
+Each rate comes with its binomial standard error sqrt(r (1 - r) / n). A null cell whose new-rule
+rate comes out above alpha is measured again on 10x as many fresh draws (new rule only, under
+"confirm"), to tell Monte-Carlo noise from a real excess. Power cells: normal
 scores, 1 and 3 envs, 5 and 10 seeds, a true effect of 0.5-2 SD, the rate of "supported".
 Multi-part cells: findings of 3 parts, all null, decided by `stats.combine` (Holm) and by the old
 `combine_verdicts` over old-rule parts. Every cell draws from its own fixed seed, so a rerun gives
@@ -81,6 +83,13 @@ def null_cell(dist: str, n_seeds: int, n_envs: int, n_sims: int, seed: int) -> d
             "new": _rate(new, n_sims), "new_test_only": _rate(test_only, n_sims), "old": _rate(old, n_sims)}  # fmt: skip
 
 
+def confirm_cell(dist: str, n_seeds: int, n_envs: int, n_sims: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    calls = sum(stats.decide(*_draw_pair(rng, NULLS[dist], n_seeds, n_envs), alpha=ALPHA) != stats.INCONCLUSIVE
+                for _ in range(n_sims))  # fmt: skip
+    return {"dist": dist, "n_seeds": n_seeds, "n_envs": n_envs, "new": _rate(calls, n_sims)}
+
+
 def power_cell(effect_sd: float, n_seeds: int, n_envs: int, n_sims: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     new = old = 0
@@ -125,6 +134,11 @@ def table(results: dict) -> str:
     for c in results["null"]:
         lines.append(f"| {c['dist']} | {c['n_seeds']} | {c['n_envs']} | {_fmt(c['new'])} "
                      f"| {_fmt(c['new_test_only'])} | {_fmt(c['old'])} |")  # fmt: skip
+    if results["confirm"]:
+        lines += ["", "Null cells above alpha, measured again (new rule, fresh draws):", "",
+                  "| scores | seeds | envs | comparisons | new rule |", "|---|---|---|---|---|"]  # fmt: skip
+        for c in results["confirm"]:
+            lines.append(f"| {c['dist']} | {c['n_seeds']} | {c['n_envs']} | {c['new']['n']} | {_fmt(c['new'])} |")
     lines += ["", "Power: rate of \"supported\" for a true effect (normal scores, SD 1).", "",
               "| effect (SD) | seeds | envs | new rule | old rule |", "|---|---|---|---|---|"]  # fmt: skip
     for c in results["power"]:
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": "python benchmarks/verdicts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                      "alpha": ALPHA, "min_seeds": stats.MIN_SEEDS, "n_sims": n_sims,
-                     "null": [], "power": [], "multipart": []}  # fmt: skip
+                     "null": [], "confirm": [], "power": [], "multipart": []}  # fmt: skip
     seed = 0
     for dist in NULLS:
         for n_seeds in (3, 5, 10):
@@ -157,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["null"].append(cell)
                 print(f"null {dist:18s} seeds {n_seeds:2d} envs {n_envs}: new {_fmt(cell['new'])}  "
                       f"test {_fmt(cell['new_test_only'])}  old {_fmt(cell['old'])}", flush=True)  # fmt: skip
+    for i, cell in enumerate([c for c in results["null"] if c["new"]["rate"] > ALPHA]):
+        again = confirm_cell(cell["dist"], cell["n_seeds"], cell["n_envs"], 10 * n_sims, 1000 + i)
+        results["confirm"].append(again)
+        print(f"confirm {cell['dist']} seeds {cell['n_seeds']} envs {cell['n_envs']}: new {_fmt(again['new'])}", flush=True)
     for n_seeds, n_envs in ((10, 1), (5, 1), (10, 3), (5, 3)):
         for effect in (0.5, 1.0, 1.5, 2.0):
             seed += 1
