@@ -174,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, cell in enumerate([c for c in results["null"] if c["new"]["rate"] > ALPHA]):
         again = confirm_cell(cell["dist"], cell["n_seeds"], cell["n_envs"], 10 * n_sims, 1000 + i)
         results["confirm"].append(again)
-        print(f"confirm {cell['dist']} seeds {cell['n_seeds']} envs {cell['n_envs']}: new {_fmt(again['new'])}", flush=True)
+        print(f"confirm {cell['dist']} seeds {cell['n_seeds']} envs {cell['n_envs']}: new {_fmt(again['new'])}",
+              flush=True)  # fmt: skip
     for n_seeds, n_envs in ((10, 1), (5, 1), (10, 3), (5, 3)):
         for effect in (0.5, 1.0, 1.5, 2.0):
             seed += 1
             cell = power_cell(effect, n_seeds, n_envs, n_sims, seed)
             results["power"].append(cell)
-            print(f"power {effect} SD seeds {n_seeds:2d} envs {n_envs}: new {_fmt(cell['new'])}  old {_fmt(cell['old'])}", flush=True)
+            print(f"power {effect} SD seeds {n_seeds:2d} envs {n_envs}: new {_fmt(cell['new'])}  old {_fmt(cell['old'])}",
+                  flush=True)  # fmt: skip
     for dist in ("normal", "lognormal"):
         for n_seeds in (5, 10):
             seed += 1
