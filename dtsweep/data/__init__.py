@@ -1,6 +1,7 @@
 """Offline RL data: D4RL's HDF5 layout, dataset resolution/generation, trajectory windows.
 
     arrays = load_dataset("hopper-medium")             # or a path, "hopper-medium-v2", "minari:..."
+    source = resolve_source("hopper-medium")          # the file, its sha256, origin, eval env
     traj = split_trajectories(arrays)                  # flat steps + episodes + returns-to-go
     sampler = WindowSampler(traj, context_len=20, batch_size=64, seed=0)
     batch = sampler.sample()                           # dict of [B, K, ...] tensors
@@ -11,6 +12,15 @@ from dtsweep.data.d4rl import (
     D4RL_KEYS,
     DEFAULT_STEPS,
     DatasetNotFoundError,
+    resolve_source,
+    minari_root,
+    file_sha256,
+    dataset_kind,
+    dataset_env,
+    check_d4rl_file,
+    ORIGINS,
+    DatasetSource,
+    DatasetError,
     d4rl_dir,
     d4rl_file_name,
     dtsweep_dir,
@@ -44,6 +54,15 @@ __all__ = [
     "D4RL_KEYS",
     "DEFAULT_STEPS",
     "DatasetNotFoundError",
+    "resolve_source",
+    "minari_root",
+    "file_sha256",
+    "dataset_kind",
+    "dataset_env",
+    "check_d4rl_file",
+    "ORIGINS",
+    "DatasetSource",
+    "DatasetError",
     "Trajectories",
     "WindowSampler",
     "d4rl_dir",
