@@ -599,8 +599,12 @@ def _resolve_minari(dataset_id: str, *, download: bool) -> pathlib.Path:
     out = dtsweep_dir() / f"minari_{dataset_id.replace('/', '_')}_{source_sha[:16]}.hdf5"
     if out.is_file():
         return out
-    env_spec = dataset.spec.env_spec
-    attrs = {MINARI_ID_ATTR: dataset_id, MINARI_ENV_ATTR: env_spec.id if env_spec else "", MINARI_SHA_ATTR: source_sha}
+    # The env to evaluate on is the one the dataset's metadata names for evaluation
+    # (Minari's eval_env_spec), else the one it was recorded on.
+    eval_env = dataset.recover_environment(eval_env=True)
+    env_id = eval_env.spec.id if eval_env.spec is not None else ""
+    eval_env.close()
+    attrs = {MINARI_ID_ATTR: dataset_id, MINARI_ENV_ATTR: env_id, MINARI_SHA_ATTR: source_sha}
     write_d4rl_hdf5(out, minari_to_d4rl(dataset.iterate_episodes()), attrs)
     return out
 
