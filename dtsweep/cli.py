@@ -27,6 +27,7 @@ _USER_ERROR_CLASSES = (
     ("dtsweep.spec", "SpecError"),
     ("dtsweep.preflight", "PreflightError"),
     ("dtsweep.data.d4rl", "DatasetNotFoundError"),
+    ("dtsweep.data.d4rl", "DatasetError"),
     ("dtsweep.models.backbones", "InitError"),
 )
 
@@ -124,6 +125,8 @@ def cmd_status(args) -> int:
     print(f"{st['sweep_dir']}: {st['total']} trials: {counts}")
     for f in st["failures"]:
         print(f"  failed {f['trial_id']} ({f['init']} {f['dataset']} K={f['context_len']} seed={f['seed']}): {f['error']}")
+    for w in st.get("warnings", []):
+        print(w)
     return 0
 
 

@@ -28,6 +28,7 @@ from dtsweep.spec import SweepSpec, Trial, resolved_yaml
 from dtsweep.store import (
     CHECKPOINTS_SCHEMA,
     METRICS_SCHEMA,
+    PROVENANCE_COLUMNS,
     TRIALS_SCHEMA,
     Store,
     table_from_rows,
@@ -52,7 +53,8 @@ def train_trial(config: dict) -> None:
     config = config["job"]
     trial = Trial.from_dict(config["trial"])
     set_threads_for_trial(trial.resources.cpu)
-    runner = TrialRunner(trial, Store(config["sweep_dir"]))
+    # The driver resolved the dataset once (prepare_datasets); the runner reads that file.
+    runner = TrialRunner(trial, Store(config["sweep_dir"]), dataset=config.get("dataset"))
 
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
     if checkpoint is None and config.get("resume_from"):
@@ -115,6 +117,11 @@ class Ledger:
         old = store.read_table("trials.parquet").to_pylist() if store.exists("trials.parquet") else []
         # Trials of earlier runs of this sweep that the current spec no longer lists stay.
         self.rows: dict[str, dict] = {r["trial_id"]: r for r in old}
+        # trial_id -> provenance columns of trials this run resolved (set_provenance); rows of
+        # earlier runs keep the provenance they were written with.
+        self.provenance: dict[str, dict] = {
+            tid: {k: r.get(k) for k in PROVENANCE_COLUMNS} for tid, r in self.rows.items() if r.get("dataset_sha256")
+        }
         for tid, t in self.trials.items():
             prev = self.rows.get(tid)
             done = epochs_done(store, tid)
@@ -134,8 +141,12 @@ class Ledger:
         self.rows[tid] = trial_row(self.trials[tid], status, epochs_done(self.store, tid), error)
         self.write()
 
+    def set_provenance(self, provenance: dict[str, dict]) -> None:
+        """Record trial_id -> provenance columns (orchestrate.trial_provenance) for the next writes."""
+        self.provenance.update(provenance)
+
     def write(self) -> None:
-        rows = sorted(self.rows.values(), key=lambda r: r["trial_id"])
+        rows = sorted(({**r, **self.provenance.get(r["trial_id"], {})} for r in self.rows.values()), key=lambda r: r["trial_id"])
         self.store.write_table("trials.parquet", table_from_rows(rows, TRIALS_SCHEMA))
 
 
@@ -265,12 +276,33 @@ class RunSummary:
     failed: int
 
 
-def prepare_datasets(trials: list[Trial]) -> None:
-    """Resolve (and generate offline, if needed) every dataset before any trial starts."""
-    from dtsweep.data import resolve_dataset
+def prepare_datasets(trials: list[Trial]) -> dict[tuple, "DatasetSource"]:
+    """Resolve (and generate offline, if needed) every dataset once, before any trial starts.
 
-    for name, steps, seed in sorted({(t.dataset, t.data.steps, t.data.seed) for t in trials}):
-        resolve_dataset(name, steps=steps, seed=seed)
+    Returns dataset_key(trial) -> DatasetSource; every trial is handed its entry (path +
+    sha256) and reads exactly that file (dtsweep.train.loop.open_trial_dataset).
+    """
+    from dtsweep.data import resolve_source
+
+    out = {}
+    for key in sorted({dataset_key(t) for t in trials}, key=str):
+        name, env, steps, seed, _ = key
+        out[key] = resolve_source(name, env=env, steps=steps, seed=seed)
+        if key[4] is not None and out[key].sha256 != key[4]:
+            raise ValueError(f"dataset file {out[key].path} changed since the spec was loaded (sha256 {out[key].sha256}, was {key[4]})")
+    return out
+
+
+def dataset_key(t: Trial) -> tuple:
+    """What identifies a trial's dataset: (name, env, data.steps, data.seed, file sha256 or None)."""
+    return (t.dataset, t.env, t.data.steps, t.data.seed, t.dataset_sha256)
+
+
+def trial_provenance(trials: list[Trial], sources: dict) -> dict[str, dict]:
+    """trial_id -> the provenance columns of trials.parquet, from prepare_datasets' sources."""
+    from dtsweep.train.loop import provenance_columns
+
+    return {t.trial_id: provenance_columns(t, sources[dataset_key(t)]) for t in trials}
 
 
 def run_sweep(
@@ -308,10 +340,11 @@ def run_sweep(
     for t in todo:
         ledger.rows[t.trial_id]["status"] = "pending"
         ledger.rows[t.trial_id]["error"] = None
+    sources = prepare_datasets(todo)
+    ledger.set_provenance(trial_provenance(todo, sources))
     ledger.write()
-    prepare_datasets(todo)
 
-    results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished, log=log)
+    results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished, log=log, sources=sources)
 
     finished = failed = 0
     for t in todo:
@@ -329,8 +362,10 @@ def run_sweep(
     return RunSummary(store.uri(), len(trials), n_finished, len(todo), n_finished + finished, failed + n_failed_kept)
 
 
-def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_total, n_skipped, log=print) -> dict[str, str | None]:
-    """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine)."""
+def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_total, n_skipped, log=print, sources=None) -> dict[str, str | None]:
+    """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine).
+
+    `sources`: prepare_datasets' result; each trial's config carries its DatasetSource."""
     import ray
     from ray import tune
 
@@ -350,6 +385,8 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
             if not has_gpu:
                 d["resources"]["gpu"] = 0.0
             c = {"trial_id": t.trial_id, "trial": d, "sweep_dir": store.uri()}
+            if sources is not None:
+                c["dataset"] = sources[dataset_key(t)].to_dict()
             if t.trial_id in resume:
                 c["resume_from"] = resume[t.trial_id][1]
                 log(f"resuming {t.trial_id} from epoch {resume[t.trial_id][0]} (checkpoint of an earlier run)")
@@ -418,6 +455,28 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(**kwargs)
 
 
+def mixed_dataset_warnings(ledger: pd.DataFrame) -> list[str]:
+    """One line per condition (config_key) whose trials read different dataset bytes.
+
+    Seeds of one condition are pooled by the report; if they trained on different files
+    (a dataset regenerated differently on another machine, a file replaced between runs)
+    the pool mixes conditions. Trials without provenance (older sweeps) are not compared.
+    """
+    if "config_key" not in ledger or "dataset_sha256" not in ledger:
+        return []
+    known = ledger.dropna(subset=["config_key", "dataset_sha256"])
+    out = []
+    for key, g in known.groupby("config_key", sort=True):
+        shas = sorted(g["dataset_sha256"].unique())
+        if len(shas) > 1:
+            out.append(
+                f"warning: condition {key} ({g['init'].iloc[0]} {g['dataset'].iloc[0]} K={g['context_len'].iloc[0]}): "
+                f"its {len(g)} trials read {len(shas)} different dataset files "
+                f"(sha256 {', '.join(s[:12] for s in shas)}); their seeds should not be pooled"
+            )
+    return out
+
+
 def sweep_status(sweep_dir: str) -> dict:
     """Counts by status and failures with their reasons, read from the sweep directory."""
     store = Store(sweep_dir)
@@ -435,6 +494,7 @@ def sweep_status(sweep_dir: str) -> dict:
     failures = df[df["status"] == "failed"][["trial_id", "init", "dataset", "context_len", "swap_block", "seed", "error"]]
     return {
         "sweep_dir": store.uri(),
+        "warnings": mixed_dataset_warnings(df),
         "total": int(len(df)),
         "counts": {k: int(v) for k, v in counts.items()},
         "failures": failures.to_dict("records"),

@@ -21,7 +21,17 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig
 
-from dtsweep.data import DatasetNotFoundError, d4rl_dir, d4rl_file_name, generators, resolve_dataset
+from dtsweep.data import (
+    DatasetError,
+    DatasetNotFoundError,
+    check_d4rl_file,
+    d4rl_dir,
+    d4rl_file_name,
+    dataset_env,
+    dataset_kind,
+    generators,
+    resolve_dataset,
+)
 from dtsweep.envs import parse_dataset
 from dtsweep.models.backbones import HUB_INITS, InitError, backbone_depth
 from dtsweep.spec import SweepSpec, Trial
@@ -85,16 +95,27 @@ def _check_hub_model(init: str, repo: str) -> None:
 
 
 def check_datasets(trials: list[Trial]) -> None:
-    """Every dataset is on disk, or is one dtsweep generates itself (unversioned names of a
-    quality with a generator), or — when downloads are allowed — is fetched now."""
-    for name, steps, seed in sorted({(t.dataset, t.data.steps, t.data.seed) for t in trials}):
+    """Every dataset is on disk and usable, or is one dtsweep generates itself (unversioned
+    names of a quality with a generator), or — when downloads are allowed — is fetched now.
+
+    A file that is there (a path, D4RL's file, a converted Minari dataset) is read once:
+    D4RL's keys, equal lengths, finite observations, actions and rewards, and sizes that
+    match its env (`dtsweep.data.check_d4rl_file`, `dataset_env`). One line on failure.
+    """
+    for name, env, steps, seed in sorted({(t.dataset, t.env, t.data.steps, t.data.seed) for t in trials}):
         try:
-            resolve_dataset(name, generate=False, steps=steps, seed=seed)
+            path = resolve_dataset(name, generate=False, steps=steps, seed=seed)
+            check_d4rl_file(path)
+            if dataset_kind(name) != "name":
+                dataset_env(name, env)
         except DatasetNotFoundError as e:
-            env, quality, version = parse_dataset(name)
-            if version is None and quality in generators():
-                _check_behaviour_policy(name, env, quality)
-                continue  # `run` generates it before the first trial starts
+            if dataset_kind(name) == "name":
+                _, quality, version = parse_dataset(name)
+                if version is None and quality in generators():
+                    _check_behaviour_policy(name, env, quality)
+                    continue  # `run` generates it before the first trial starts
+            raise PreflightError(str(e)) from None
+        except DatasetError as e:
             raise PreflightError(str(e)) from None
 
 

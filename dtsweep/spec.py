@@ -221,6 +221,10 @@ class Study:
     model: ModelConfig
     checkpoint_epochs: tuple
     search: SearchConfig | None = None  # None: a grid study
+    # Per entry of `dataset`: its env, and the sha256 of its bytes for a file path (None for
+    # names, which cover themselves). Filled by the parser (dtsweep.data.dataset_env).
+    dataset_env: tuple = ()
+    dataset_sha256: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,9 @@ class Trial:
     data: DataConfig
     checkpoint_epochs: tuple
     resources: Resources
+    # sha256 of the dataset file when `dataset` is a file path: the trial id hashes it instead
+    # of the path (a path means that file's bytes). None for dataset names.
+    dataset_sha256: str | None = None
 
     @property
     def trial_id(self) -> str:
@@ -325,6 +332,8 @@ def config_key(trial_dict: dict) -> str:
 
 def _result_hash(trial_dict: dict, fields: tuple) -> str:
     payload = {k: trial_dict[k] for k in fields}
+    if trial_dict.get("dataset_sha256"):  # a file path: its bytes are its identity, not its path
+        payload["dataset"] = "sha256:" + trial_dict["dataset_sha256"]
     payload["result_version"] = RESULT_VERSION
     unset = dataclasses.asdict(TrainConfig())
     payload["train"] = {
@@ -372,8 +381,9 @@ class SweepSpec:
         study's own settings; for a search study these are its groups, before sampling."""
         out = []
         for init in st.init:
-            for dataset in st.dataset:
-                env = parse_dataset(dataset)[0]
+            for j, dataset in enumerate(st.dataset):
+                env = st.dataset_env[j] if st.dataset_env else parse_dataset(dataset)[0]
+                sha = st.dataset_sha256[j] if st.dataset_sha256 else None
                 for k in st.context_len:
                     for swap in st.swap_block:
                         for seed in st.seed:
@@ -393,6 +403,7 @@ class SweepSpec:
                                     data=st.data,
                                     checkpoint_epochs=resolve_checkpoint_epochs(st.checkpoint_epochs, st.train.epochs),
                                     resources=self.resources_for(init),
+                                    dataset_sha256=sha,
                                 )
                             )
         return out
@@ -621,6 +632,47 @@ def _parse_init(v: Any, path: str) -> str:
     )
 
 
+def _parse_datasets(source: dict, d: dict, path: str) -> tuple[tuple, tuple, tuple]:
+    """(datasets, env of each, sha256 of each file or None) of a study.
+
+    `dataset:` entries are names (`hopper-medium`, `hopper-medium-v2`), `minari:<id>` or
+    paths of HDF5 files in D4RL's layout. `env:` alone lists envs (+ `quality:`); given with
+    `dataset:` it is the one env of the study's files and Minari datasets (else read from
+    the file: its card, its Minari metadata, or its observation/action sizes).
+    """
+    from dtsweep.data import DatasetError, DatasetNotFoundError, dataset_env, dataset_kind, file_sha256, resolve_dataset
+
+    env_hint = None
+    if "dataset" in source:
+        datasets = _as_list(source["dataset"])
+        if "env" in source:
+            given = _as_list(source["env"])
+            if len(given) != 1:
+                raise _fail(f"{path}.env", source["env"], "one env when given with dataset: (the env of its files)")
+            env_hint = _one_of(given[0], sorted(ENVS), f"{path}.env")
+    elif "env" in source:
+        quality = d.get("quality", "medium")
+        datasets = [f"{e}-{quality}" if isinstance(e, str) else e for e in _as_list(source["env"])]
+    else:
+        raise SpecError(f"{path}.dataset: missing; give dataset: [hopper-medium, ...] or env: [hopper, ...]")
+    envs, shas = [], []
+    for j, ds in enumerate(datasets):
+        where = f"{path}.dataset[{j}]"
+        if not isinstance(ds, str) or not ds:
+            raise _fail(where, ds, "a dataset name like 'hopper-medium', minari:<id> or an HDF5 file path")
+        kind = dataset_kind(ds)
+        try:
+            if kind == "name":
+                parse_dataset(ds)
+            env = dataset_env(ds, env_hint) if kind != "name" or env_hint else parse_dataset(ds)[0]
+            sha = file_sha256(resolve_dataset(ds, generate=False, download=False)) if kind == "file" else None
+        except (ValueError, DatasetError, DatasetNotFoundError) as e:
+            raise SpecError(f"{where}: {e}") from None
+        envs.append(env)
+        shas.append(sha)
+    return tuple(datasets), tuple(envs), tuple(shas)
+
+
 def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
     path = f"studies[{i}]"
     raw = _check_keys(raw, _STUDY_KEYS, path)
@@ -637,27 +689,9 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
 
     inits = tuple(_parse_init(v, f"{path}.init") for v in _as_list(d["init"]))
 
-    if "dataset" in raw and "env" in raw:
-        raise SpecError(f"{path}: give either 'dataset' or 'env' (+ 'quality'), not both")
     # The study's own choice wins over the defaults' (dataset list or env list + quality).
     source = raw if ("dataset" in raw or "env" in raw) else defaults
-    if "dataset" in source and "env" in source:
-        raise SpecError("defaults: give either 'dataset' or 'env' (+ 'quality'), not both")
-    if "dataset" in source:
-        datasets = _as_list(source["dataset"])
-    elif "env" in source:
-        quality = d.get("quality", "medium")
-        datasets = [f"{e}-{quality}" if isinstance(e, str) else e for e in _as_list(source["env"])]
-    else:
-        raise SpecError(f"{path}.dataset: missing; give dataset: [hopper-medium, ...] or env: [hopper, ...]")
-    for j, ds in enumerate(datasets):
-        if not isinstance(ds, str):
-            raise _fail(f"{path}.dataset[{j}]", ds, "a dataset name like 'hopper-medium'")
-        try:
-            parse_dataset(ds)
-        except ValueError as e:
-            raise SpecError(f"{path}.dataset[{j}]: {e}") from None
-
+    datasets, envs, shas = _parse_datasets(source, d, path)
     ks = tuple(_int(k, f"{path}.context_len", lo=1) for k in _as_list(d.get("context_len", 20)))
     swaps = tuple(
         None if s is None else _int(s, f"{path}.swap_block", lo=0)
@@ -690,6 +724,7 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
         name=name, init=inits, dataset=tuple(datasets), context_len=ks, swap_block=swaps,
         seed=_parse_seeds(d["seed"], f"{path}.seed"), swap_from=swap_from, train=train,
         eval=ev, data=data, model=model, checkpoint_epochs=tuple(ck), search=search,
+        dataset_env=envs, dataset_sha256=shas,
     )  # fmt: skip
 
 

@@ -46,8 +46,22 @@ TRIALS_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("updated_at", pa.timestamp("s", tz="UTC")),
         ("config_json", pa.string()),
+        # Provenance (DESIGN §7): what the trial read, where it was evaluated, what its init is.
+        ("dataset_source", pa.string()),  # path of the HDF5 file read
+        ("dataset_sha256", pa.string()),  # sha256 of that file's bytes
+        ("dataset_origin", pa.string()),  # d4rl | generated | minari
+        ("eval_env", pa.string()),  # Gymnasium id evaluated on, e.g. Walker2d-v4
+        ("init_source", pa.string()),  # none | hf:<repo> | shipped:<name> | local path
+        ("init_family", pa.string()),  # random, random-ref, gpt2, igpt, clip, chibit, igpt-mini
+        ("config_key", pa.string()),  # the condition: result-determining fields without the seed
+        ("versions_json", pa.string()),  # {"dtsweep": ..., "torch": ..., ...}
     ]
 )
+
+PROVENANCE_COLUMNS = (
+    "dataset_source", "dataset_sha256", "dataset_origin", "eval_env",
+    "init_source", "init_family", "config_key", "versions_json",
+)  # fmt: skip
 
 METRICS_SCHEMA = pa.schema(
     TRIAL_COLUMNS

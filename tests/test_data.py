@@ -209,12 +209,29 @@ def test_concurrent_resolves_generate_once(monkeypatch):
     assert len(read_d4rl_hdf5(results[0])["rewards"]) == 500
 
 
-def test_resolve_prefers_d4rl_cache(caches):
+def test_versioned_name_reads_d4rl_cache_unversioned_never_does(caches):
     arrays = rollout_dataset("hopper", uniform_policy(3), 50, seed=0, num_envs=2)
     d4rl_file = caches / "d4rl_cache" / "hopper_medium_replay-v2.hdf5"
     write_d4rl_hdf5(d4rl_file, arrays)
     assert resolve_dataset("hopper-medium-replay-v2") == d4rl_file
-    assert resolve_dataset("hopper-medium-replay") == d4rl_file  # unversioned -> v2 file
+    # One meaning per name: an unversioned name is dtsweep's generated data on every
+    # machine, whether or not D4RL's file happens to be present on this one.
+    with pytest.raises(DatasetNotFoundError, match="no offline generator for 'medium-replay'"):
+        resolve_dataset("hopper-medium-replay")
+
+
+def test_file_paths_and_names_are_told_apart(tmp_path, monkeypatch):
+    from dtsweep.data import dataset_kind
+
+    assert [dataset_kind(n) for n in ("hopper-medium", "hopper-medium-v2", "minari:mujoco/hopper/medium-v0",
+                                      "data/x.hdf5", "x.h5", "/abs/file", "~/d.hdf5")] == \
+        ["name", "name", "minari", "file", "file", "file", "file"]  # fmt: skip
+    # A file in the working directory that happens to be called like a dataset is not read
+    # for that name: names never mean local files.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hopper-random").write_text("not a dataset")
+    path = resolve_dataset("hopper-random", steps=300, seed=0)
+    assert path.parent == tmp_path / "dtsweep_cache"
 
 
 def test_missing_versioned_dataset_says_how_to_get_it():

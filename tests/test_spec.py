@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtsweep.spec import SpecError, load_spec, parse_spec, resolve_checkpoint_epochs
+from dtsweep.spec import SpecError, Trial, load_spec, parse_spec, resolve_checkpoint_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,3 +172,32 @@ def test_example_in_docstring_of_yaml_is_valid():
     text = textwrap.dedent((ROOT / "sweeps" / "quickstart.yaml").read_text())
     spec = parse_spec(yaml.safe_load(text))
     assert len(spec.trials()) >= 4 and len({t.init for t in spec.trials()}) >= 2
+
+
+def test_dataset_names_keep_their_ids_file_paths_hash_their_bytes(tmp_path, data_cache):
+    """Named datasets carry no sha256 (ids of existing specs unchanged); a file path's id is
+    made from the file's bytes, so the same bytes elsewhere are the same trial."""
+    from dtsweep.data import rollout_dataset, uniform_policy, write_d4rl_hdf5
+
+    named = parse_spec(BASE).trials()
+    assert all(t.dataset_sha256 is None for t in named)
+    # A ledger written before the field existed (config_json without it) gives the same id.
+    old_dict = {k: v for k, v in named[0].to_dict().items() if k != "dataset_sha256"}
+    assert Trial.from_dict(old_dict).trial_id == named[0].trial_id
+    a, b = tmp_path / "a" / "d.hdf5", tmp_path / "b" / "d.hdf5"
+    arrays = rollout_dataset("hopper", uniform_policy(3), 40, seed=0, num_envs=1)
+    write_d4rl_hdf5(a, arrays)
+    write_d4rl_hdf5(b, arrays)  # the writer is deterministic: same content, same bytes
+    trials = [parse_spec(spec_with(dataset=[str(p)])).trials()[0] for p in (a, b)]
+    assert trials[0].trial_id == trials[1].trial_id and trials[0].env == "hopper"
+
+
+def test_dataset_spec_errors_are_one_line(tmp_path, data_cache):
+    for dataset, env, needle in (
+        (str(tmp_path / "none.hdf5"), None, f"dataset file {tmp_path / 'none.hdf5'} does not exist"),
+        ("hopper-medium", "walker2d", "dataset 'hopper-medium' is a hopper dataset, not walker2d"),
+    ):
+        raw = spec_with(dataset=[dataset], **({"env": env} if env else {}))
+        with pytest.raises(SpecError) as info:
+            parse_spec(raw)
+        assert "\n" not in str(info.value) and needle in str(info.value)

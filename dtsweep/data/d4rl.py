@@ -12,29 +12,39 @@ A dataset is a dict of flat arrays, one row per environment step, in D4RL's layo
 Episodes are stored one after another; an episode ends at a row where terminals | timeouts.
 A trailing episode with neither flag set is unfinished (D4RL's files have one).
 
-`resolve_dataset(name)` turns a name into a file path. It tries, in order:
+One meaning per dataset name, on every machine (`resolve_dataset(name)` -> file path):
 
-  (a) `name` is an existing file: that file.
-  (b) D4RL's cache, `$D4RL_DATASET_DIR` or `~/.d4rl/datasets/`, under D4RL's file name:
-      `hopper-medium-v2` -> `hopper_medium-v2.hdf5`. An unversioned name (`hopper-medium`)
-      looks for the `-v2` file, so real D4RL data wins over generated data when present.
-  (c) dtsweep's cache, `$DTSWEEP_DATA_DIR` or `~/.cache/dtsweep/datasets/`, for a dataset
-      dtsweep generated: `hopper-random_steps=1000000_seed=0.hdf5`.
-  (d) Unversioned names (`hopper-random`): generated offline into (c) by the generator
-      registered for the quality (`register_generator`; built in: `random` from
-      dtsweep.data.generate, `medium` from dtsweep.data.behaviour), when `generate=True`.
-      A file lock makes concurrent callers generate once; the file appears atomically.
-  (e) Versioned names (`hopper-medium-v2`): the `d4rl` package if importable
-      (`gym.make(name).get_dataset()`), else D4RL's URL, downloaded into D4RL's cache (b).
-      `DTSWEEP_OFFLINE=1` (or `download=False`) skips this step: no network at all.
-  (f) `minari:<dataset id>`: loaded with the optional `minari` package, converted to this
-      layout and cached in (c) as `minari_<id>.hdf5`.
+  - An unversioned name (`hopper-medium`) ALWAYS means dtsweep's generated data: the file
+    `hopper-medium_steps=N_seed=S.hdf5` in dtsweep's cache, `$DTSWEEP_DATA_DIR` or
+    `~/.cache/dtsweep/datasets/`, generated offline when missing by the generator registered
+    for the quality (`register_generator`; built in: `random` from dtsweep.data.generate,
+    `medium` from dtsweep.data.behaviour). A D4RL file never stands in for it. A file lock
+    makes concurrent callers generate once; the file appears atomically.
+  - A versioned name (`hopper-medium-v2`) means D4RL's release: D4RL's cache,
+    `$D4RL_DATASET_DIR` or `~/.d4rl/datasets/`, under D4RL's file name
+    (`hopper_medium-v2.hdf5`); when missing, fetched by the `d4rl` package if importable
+    (`gym.make(name).get_dataset()`), else from D4RL's URL. `DTSWEEP_OFFLINE=1` (or
+    `download=False`) skips the fetch: no network at all.
+  - A file path (contains a `/`, or ends in `.hdf5`/`.h5`) means that file's bytes. Its env
+    is the study's `env:`, or the one its dtsweep card names, or the only env whose
+    observation/action sizes match (hopper 11/3; halfcheetah and walker2d are both 17/6).
+  - `minari:<dataset id>` means that dataset of Minari's local store
+    (`$MINARI_DATASETS_PATH` or `~/.minari/datasets`), converted to this layout and cached
+    in dtsweep's cache, keyed by the sha256 of Minari's files.
+
+`resolve_source(name)` resolves the same way and says what was found (`DatasetSource`: the
+file, its sha256, its origin `d4rl`/`generated`/`minari`, its env, and the Gymnasium env to
+evaluate on: D4RL data on the `-v4` envs it was recorded on, generated data on the env its
+card names, Minari data on the env its metadata names). `check_d4rl_file(path)` checks a
+file's keys, lengths and values without keeping it in memory twice.
 
 Anything else raises `DatasetNotFoundError`, whose message says how to get the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -43,12 +53,13 @@ import shutil
 import tempfile
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
 import numpy as np
 
-from dtsweep.envs import parse_dataset
+from dtsweep.envs import ENVS, env_of_gym_id, envs_with_shape, parse_dataset
 
 D4RL_KEYS = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -246,6 +257,15 @@ def offline() -> bool:
     return os.environ.get("DTSWEEP_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def dataset_kind(name: str) -> str:
+    """"minari" (`minari:<id>`), "file" (has a `/` or ends in .hdf5/.h5) or "name"."""
+    if name.startswith("minari:"):
+        return "minari"
+    if "/" in name or os.sep in name or name.startswith("~") or name.endswith((".hdf5", ".h5")):
+        return "file"
+    return "name"
+
+
 def resolve_dataset(
     name: str,
     *,
@@ -256,31 +276,29 @@ def resolve_dataset(
 ) -> pathlib.Path:
     """Path of the HDF5 file for dataset `name`, generating or downloading it if needed.
 
-    The order of the search is in the module docstring. `steps` (default DEFAULT_STEPS) and
-    `seed` only matter for generated datasets. `download=None` means "unless
-    $DTSWEEP_OFFLINE is set".
+    The rule (one meaning per name) is in the module docstring. `steps` (default
+    DEFAULT_STEPS) and `seed` only matter for generated datasets. `download=None` means
+    "unless $DTSWEEP_OFFLINE is set".
     """
     if download is None:
         download = not offline()
 
-    if name.startswith("minari:"):
+    kind = dataset_kind(name)
+    if kind == "minari":
         return _resolve_minari(name.removeprefix("minari:"), download=download)
-
-    path = pathlib.Path(name).expanduser()
-    if path.is_file():
+    if kind == "file":
+        path = pathlib.Path(name).expanduser().absolute()
+        if not path.is_file():
+            raise DatasetNotFoundError(f"dataset file {path} does not exist")
         return path
-    if path.suffix in (".hdf5", ".h5") or os.sep in name:
-        raise DatasetNotFoundError(f"dataset file {path} does not exist")
 
     try:
         env, quality, version = parse_dataset(name)
     except ValueError as e:
         raise DatasetNotFoundError(f"{name!r} is neither a file nor a dataset name: {e}") from e
-    d4rl_path = d4rl_dir() / d4rl_file_name(name)
-    if d4rl_path.is_file():
-        return d4rl_path
 
     if version is None:
+        # Unversioned: dtsweep's generated data only, never a D4RL file (one meaning per name).
         steps = DEFAULT_STEPS if steps is None else int(steps)
         out = dtsweep_dir() / generated_file_name(name, steps, seed)
         if out.is_file():
@@ -291,12 +309,15 @@ def resolve_dataset(
         if quality not in _GENERATORS:
             raise DatasetNotFoundError(
                 f"dataset {name!r}: no offline generator for {quality!r} (have "
-                f"{sorted(_GENERATORS)}); put D4RL's {d4rl_path.name} in {d4rl_path.parent}"
+                f"{sorted(_GENERATORS)}); for D4RL's data name its release ({name}-v2)"
             )
         if not generate:
             raise DatasetNotFoundError(f"dataset {name!r} not generated yet; run: {make_cmd}")
         return _generate_once(name, steps, seed, out)
 
+    d4rl_path = d4rl_dir() / d4rl_file_name(name)
+    if d4rl_path.is_file():
+        return d4rl_path
     why = "offline"
     if download:
         try:
@@ -306,9 +327,200 @@ def resolve_dataset(
     source = f" (from {D4RL_URL.format(file=d4rl_path.name)})" if version == "v2" else ""
     raise DatasetNotFoundError(
         f"dataset {name!r} not found ({why}): put D4RL's {d4rl_path.name} in "
-        f"{d4rl_path.parent}{source}, or use an offline dataset: "
-        f"python -m dtsweep data make {env}-{quality} --out PATH"
+        f"{d4rl_path.parent}{source}, or use dtsweep's offline dataset {env}-{quality} "
+        f"(python -m dtsweep data make {env}-{quality})"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a name resolved to: provenance
+
+
+ORIGINS = ("d4rl", "generated", "minari")
+MINARI_ID_ATTR = "minari_id"  # attributes of a Minari dataset converted to this layout
+MINARI_ENV_ATTR = "minari_env_id"
+MINARI_SHA_ATTR = "minari_source_sha256"
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be used; `str(err)` is one line naming the file and why."""
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """What a dataset name resolved to, on the machine that resolved it.
+
+    name: as written in the spec; path: absolute path of the HDF5 file (D4RL's layout) that
+    is read; sha256: hex digest of its bytes; origin: "d4rl", "generated" or "minari";
+    env: the dtsweep env ("hopper", ...); eval_env: the Gymnasium id to evaluate on.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    origin: str
+    env: str
+    eval_env: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> DatasetSource:
+        return DatasetSource(**d)
+
+
+def file_sha256(path) -> str:
+    """sha256 (hex) of a file's bytes, cached per (absolute path, size, mtime).
+
+    The cache is a small JSON file per path under `dtsweep_dir()/sha256/`, so a 1M-step
+    dataset (~0.5 GB for D4RL's) is hashed once per machine, not once per trial or spec load.
+    """
+    path = pathlib.Path(path).expanduser().absolute()
+    st = path.stat()
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = dtsweep_dir() / "sha256" / (hashlib.sha1(str(path).encode()).hexdigest() + ".json")
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["sha256"]
+    except (OSError, ValueError):  # no cache entry yet, or one cut off mid-write
+        pass
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({**key, "sha256": digest}, f)
+        os.replace(tmp, cache)
+    except OSError:  # a read-only cache only costs the next caller a re-hash
+        pass
+    return digest
+
+
+def _file_facts(path: pathlib.Path) -> tuple[int, int, dict | None, dict]:
+    """(obs_dim, act_dim, dtsweep card or None, other file attributes) without reading data."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions") if k not in f]
+            if missing:
+                raise DatasetError(f"dataset file {path}: not in D4RL's layout, missing {missing} (has {sorted(f.keys())})")
+            obs, act = f["observations"].shape, f["actions"].shape
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise DatasetError(f"dataset file {path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+    if len(obs) != 2 or len(act) not in (1, 2):
+        raise DatasetError(f"dataset file {path}: observations {obs} / actions {act} are not [N, S] / [N, A]")
+    card = attrs.pop(CARD_ATTR, None)
+    return obs[1], (act[1] if len(act) == 2 else 1), (None if card is None else json.loads(card)), attrs
+
+
+def dataset_env(name: str, env: str | None = None) -> str:
+    """The dtsweep env of dataset `name` without reading its data (shapes and attributes only).
+
+    Names carry their env; for a file or a Minari dataset it is `env` when given (checked
+    against the file's sizes and card), else what the file's card or Minari metadata names,
+    else the only env with the file's observation/action sizes. Raises DatasetError or
+    DatasetNotFoundError (one line) when it cannot be told.
+    """
+    kind = dataset_kind(name)
+    if kind == "name":
+        own = parse_dataset(name)[0]
+        if env is not None and env != own:
+            raise DatasetError(f"dataset {name!r} is a {own} dataset, not {env}")
+        return own
+    path = resolve_dataset(name, generate=False, download=False)
+    obs_dim, act_dim, card, attrs = _file_facts(path)
+    named = (card or {}).get("env") or env_of_gym_id(str(attrs.get(MINARI_ENV_ATTR, "")))
+    what = f"dataset file {path}" if kind == "file" else f"dataset {name!r}"
+    if env is not None:
+        if env not in ENVS:
+            raise DatasetError(f"{what}: unknown env {env!r}; allowed: {sorted(ENVS)}")
+        if named and named != env:
+            raise DatasetError(f"{what} was recorded on {named}, not {env}")
+        found = env
+    elif named:
+        found = named
+    else:
+        fits = envs_with_shape(obs_dim, act_dim)
+        if len(fits) != 1:
+            which = f"ambiguous: {' or '.join(fits)}" if fits else "no env of the study has them"
+            raise DatasetError(
+                f"{what}: observation/action sizes {obs_dim}/{act_dim} do not tell the env ({which}); "
+                f"give the study's env: (one of {sorted(ENVS)})"
+            )
+        found = fits[0]
+    info = ENVS[found]
+    if (obs_dim, act_dim) != (info.obs_dim, info.act_dim):
+        raise DatasetError(
+            f"{what}: observation/action sizes {obs_dim}/{act_dim} do not match {found} "
+            f"({info.obs_dim}/{info.act_dim})"
+        )
+    return found
+
+
+def resolve_source(
+    name: str,
+    *,
+    env: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    generate: bool = True,
+    download: bool | None = None,
+) -> DatasetSource:
+    """Resolve `name` (module docstring's rule), hash the file, and say what it is.
+
+    `env`: the study's env for a file or Minari dataset (see `dataset_env`). Origin of a file
+    path: "generated" if it carries a dtsweep card, "minari" if converted from Minari, else
+    "d4rl" (a file in D4RL's layout from elsewhere is taken to be D4RL's data).
+    """
+    path = resolve_dataset(name, generate=generate, steps=steps, seed=seed, download=download)
+    found = dataset_env(name, env)
+    _, _, card, attrs = _file_facts(path)
+    info = ENVS[found]
+    if card is not None:
+        origin, eval_env = "generated", card.get("gym_id") or info.gym_id
+    elif MINARI_ID_ATTR in attrs:
+        origin, eval_env = "minari", str(attrs.get(MINARI_ENV_ATTR) or "")
+        if not eval_env:
+            raise DatasetError(f"dataset {name!r}: its Minari metadata names no env to evaluate on")
+    else:
+        origin, eval_env = "d4rl", info.d4rl_gym_id
+    if dataset_kind(name) == "name" and (origin == "d4rl") != (parse_dataset(name)[2] is not None):
+        raise DatasetError(f"dataset {name!r} resolved to {path}, which holds {origin} data")
+    return DatasetSource(name, str(path), file_sha256(path), origin, found, eval_env)
+
+
+def check_d4rl_file(path) -> None:
+    """Refuse a file a trial could not train on, with one line naming it and the problem.
+
+    Checks: D4RL's required keys, equal lengths, at least one row, and finite observations,
+    actions and rewards (one key at a time, so peak memory is one array).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"dataset file {path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in REQUIRED_KEYS if k not in f]
+            if missing:
+                raise DatasetError(f"dataset file {path}: not in D4RL's layout, missing {missing} (has {sorted(f.keys())})")
+            n = len(f["observations"])
+            if n == 0:
+                raise DatasetError(f"dataset file {path}: no rows")
+            lengths = {k: len(f[k]) for k in D4RL_KEYS if k in f}
+            bad = {k: m for k, m in lengths.items() if m != n}
+            if bad:
+                raise DatasetError(f"dataset file {path}: lengths differ: observations has {n} rows, {bad}")
+            for key in ("observations", "actions", "rewards"):
+                values = np.asarray(f[key][()], dtype=np.float64)
+                finite = np.isfinite(values)
+                if not finite.all():
+                    row = int(np.argwhere(~finite)[0][0])
+                    raise DatasetError(f"dataset file {path}: {key} holds NaN or inf (first at row {row})")
+    except OSError as e:
+        raise DatasetError(f"dataset file {path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
 
 
 def load_dataset(name: str, **kwargs: Any) -> dict[str, np.ndarray]:
@@ -358,18 +570,42 @@ def _fetch_d4rl(name: str, dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
+def minari_root() -> pathlib.Path:
+    """Minari's local store: $MINARI_DATASETS_PATH or ~/.minari/datasets (as minari)."""
+    return pathlib.Path(os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")).expanduser()
+
+
 def _resolve_minari(dataset_id: str, *, download: bool) -> pathlib.Path:
-    out = dtsweep_dir() / f"minari_{dataset_id.replace('/', '_')}.hdf5"
-    if out.is_file():
-        return out
     try:
         import minari
     except ImportError as e:
         raise DatasetNotFoundError(
-            f"dataset 'minari:{dataset_id}' needs the optional minari package: pip install minari"
+            f"dataset 'minari:{dataset_id}' needs the optional minari package: pip install minari==0.5.*"
         ) from e
-    dataset = minari.load_dataset(dataset_id, download=download)
-    write_d4rl_hdf5(out, minari_to_d4rl(dataset.iterate_episodes()), {"minari_id": dataset_id})
+    try:
+        dataset = minari.load_dataset(dataset_id, download=download)
+    except FileNotFoundError as e:
+        raise DatasetNotFoundError(
+            f"dataset 'minari:{dataset_id}' is not in Minari's local store {minari_root()}"
+            + ("" if download else " (offline: downloads are off)")
+        ) from e
+    # The converted copy is keyed by the bytes of Minari's files, so a re-recorded dataset
+    # of the same id is converted again rather than read stale.
+    data = pathlib.Path(dataset.spec.data_path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in data.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(data)}\0{file_sha256(f)}\n".encode())
+    source_sha = digest.hexdigest()
+    out = dtsweep_dir() / f"minari_{dataset_id.replace('/', '_')}_{source_sha[:16]}.hdf5"
+    if out.is_file():
+        return out
+    # The env to evaluate on is the one the dataset's metadata names for evaluation
+    # (Minari's eval_env_spec), else the one it was recorded on.
+    eval_env = dataset.recover_environment(eval_env=True)
+    env_id = eval_env.spec.id if eval_env.spec is not None else ""
+    eval_env.close()
+    attrs = {MINARI_ID_ATTR: dataset_id, MINARI_ENV_ATTR: env_id, MINARI_SHA_ATTR: source_sha}
+    write_d4rl_hdf5(out, minari_to_d4rl(dataset.iterate_episodes()), attrs)
     return out
 
 
@@ -396,19 +632,28 @@ __all__ = [
     "CARD_ATTR",
     "D4RL_KEYS",
     "DEFAULT_STEPS",
+    "DatasetError",
     "DatasetNotFoundError",
+    "DatasetSource",
+    "ORIGINS",
+    "check_d4rl_file",
     "d4rl_dir",
+    "dataset_env",
+    "dataset_kind",
     "d4rl_file_name",
     "dtsweep_dir",
     "episode_bounds",
+    "file_sha256",
     "generated_file_name",
     "generators",
     "load_dataset",
     "make_dataset",
+    "minari_root",
     "minari_to_d4rl",
     "read_d4rl_hdf5",
     "read_dataset_card",
     "register_generator",
     "resolve_dataset",
+    "resolve_source",
     "write_d4rl_hdf5",
 ]

@@ -142,6 +142,52 @@ def _read_dir_config(path: Path) -> dict:
     return cfg
 
 
+# dtsweep's pretraining writes card.json with a `kind`; the family of such a model is the
+# shipped model of that kind (a retrained or copied ChibiT is still a ChibiT).
+CARD_KIND_FAMILIES = {"language": "chibit", "image": "igpt-mini"}
+MODEL_TYPE_FAMILIES = {"gpt2": "gpt2", "imagegpt": "igpt", "clip": "clip", "clip_text_model": "clip"}
+
+
+def init_family(init: str) -> str:
+    """What an init *is*, read from its config and card, not from how it is named.
+
+    random / random-ref: themselves. Hub names: gpt2, igpt, clip. A directory (shipped or any
+    local path): a dtsweep card.json decides by its `kind` (language -> "chibit", image ->
+    "igpt-mini"); without one, config.json's model_type does (gpt2 -> "gpt2", imagegpt ->
+    "igpt", clip / clip_text_model -> "clip"). So `init: /models/gpt2` holding Hugging Face's
+    GPT-2 is "gpt2", and a directory holding a dtsweep ChibiT is "chibit" whatever its name.
+    The rule reads no weights: a GPT-2-typed directory without a dtsweep card is "gpt2"
+    whatever its size (distilgpt2 too). InitError if the init resolves to nothing.
+    """
+    if init in RANDOM_INITS:
+        return init
+    if init in HUB_INITS:
+        return MODEL_TYPE_FAMILIES[_HUB_MODEL_TYPES[init]]
+    path = _init_dir(init)
+    model_type = _read_dir_config(path)["model_type"]
+    card = path / "card.json"
+    if card.is_file():
+        try:
+            kind = json.loads(card.read_text()).get("kind")
+        except ValueError as e:
+            raise InitError(f"init {init!r}: {card} is not valid JSON ({e})") from None
+        if kind in CARD_KIND_FAMILIES:
+            return CARD_KIND_FAMILIES[kind]
+    return MODEL_TYPE_FAMILIES[model_type]
+
+
+def init_source(init: str) -> str:
+    """Where an init's weights come from: "none" (random inits), "hf:<repo id>" (Hub),
+    "shipped:<name>" (dtsweep/assets/models/<name>) or the absolute path of a local directory."""
+    if init in RANDOM_INITS:
+        return "none"
+    if init in HUB_INITS:
+        return f"hf:{HUB_INITS[init][0]}"
+    if init in ASSET_INITS:
+        return f"shipped:{init}"
+    return str(_init_dir(init).resolve())
+
+
 def _check_overrides(init: str, overrides: Mapping | None) -> dict:
     if not overrides:
         return {}

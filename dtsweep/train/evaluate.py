@@ -34,12 +34,24 @@ class EvalResult:
     lengths: np.ndarray  # [n] episode lengths in env steps
 
 
-def make_envs(env: str, n: int) -> list[gym.Env]:
+def make_envs(env: str, n: int, gym_id: str | None = None) -> list[gym.Env]:
     """n Gymnasium envs of the dtsweep env `env`, for `evaluate_episodes(envs=...)` to reuse.
 
+    `gym_id`: the Gymnasium id to make, the env the trial's data came from
+    (`DatasetSource.eval_env`: `Walker2d-v4` for D4RL's data, the generating `-v5` env for
+    dtsweep's); None: `ENVS[env].gym_id` (v5). It must be a task of `env` (same observation
+    and action sizes); an id Gymnasium cannot make raises, never falls back to another.
     Making a MuJoCo env compiles its model; a trial evaluates every epoch, so it keeps its envs.
     """
-    return [gym.make(ENVS[env].gym_id) for _ in range(n)]
+    info = ENVS[env]
+    gym_id = gym_id or info.gym_id
+    envs = [gym.make(gym_id) for _ in range(n)]
+    obs, act = envs[0].observation_space.shape, envs[0].action_space.shape
+    if (obs, act) != ((info.obs_dim,), (info.act_dim,)):
+        for e in envs:
+            e.close()
+        raise ValueError(f"{gym_id} has observations {obs} and actions {act}, not {env}'s ({info.obs_dim},)/({info.act_dim},)")
+    return envs
 
 
 @torch.inference_mode()
@@ -58,6 +70,7 @@ def evaluate_episodes(
     max_ep_len: int = 1000,
     device: str | torch.device = "cpu",
     envs: list[gym.Env] | None = None,
+    gym_id: str | None = None,
 ) -> EvalResult:
     """Roll out `n_episodes` episodes of the DT in parallel, conditioned on `target_return`.
 
@@ -66,7 +79,7 @@ def evaluate_episodes(
     0 (the causal mask hides it from the state token that predicts it). Observations are
     normalised in float32 with `state_mean` / `state_std` [S]. `envs`: envs of `env` to reuse
     (see `make_envs`; the first n_episodes are reset and used, the caller keeps them); by
-    default n_episodes envs are made and closed here. Returns raw env returns and episode
+    default n_episodes envs of `gym_id` (see `make_envs`) are made and closed here. Returns raw env returns and episode
     lengths, each [n_episodes].
     """
     info = ENVS[env]
@@ -75,7 +88,7 @@ def evaluate_episodes(
     model.eval()
     owned = envs is None
     if owned:
-        envs = make_envs(env, n)
+        envs = make_envs(env, n, gym_id)
     elif len(envs) < n:
         raise ValueError(f"{len(envs)} envs given for {n} episodes")
     envs = envs[:n]

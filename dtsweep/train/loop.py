@@ -9,25 +9,48 @@ outputs into the sweep directory (`Store`):
     checkpoints/<trial_id>/epoch=<n>.parquet model weights at the analysis epochs
     checkpoints/<trial_id>/index.parquet     trial_id, epoch, path, n_params, nbytes, sha256
 
+The trial reads exactly the dataset file the driver resolved (`dataset=`, a DatasetSource)
+and refuses to train when the bytes on its node differ (sha256). Its provenance (the file,
+sha256, origin, evaluation env, what the init is, library versions: `provenance_columns`) is
+stored with each checkpoint and, by the driver, in trials.parquet.
+
 Epoch 0 is the model before any update (its row has action_error but no train loss and
 no evaluation); epoch n is the model after n × steps_per_epoch updates.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers.activations import NewGELUActivation
 
 from dtsweep.aux import build_auxiliary
-from dtsweep.data import WindowSampler, load_dataset, split_trajectories
+from dtsweep.data import (
+    DatasetError,
+    DatasetNotFoundError,
+    DatasetSource,
+    WindowSampler,
+    file_sha256,
+    read_d4rl_hdf5,
+    resolve_source,
+    split_trajectories,
+)
 from dtsweep.envs import ENVS, normalized_score
-from dtsweep.models import DecisionTransformer, backbone_config_dict, build_decision_transformer, eager_attention
+from dtsweep.models import (
+    DecisionTransformer,
+    backbone_config_dict,
+    build_decision_transformer,
+    eager_attention,
+    init_family,
+    init_source,
+)
 from dtsweep.spec import Trial
 from dtsweep.store import CHECKPOINTS_SCHEMA, METRICS_SCHEMA, Store, table_from_rows, write_checkpoint
 from dtsweep.train.evaluate import evaluate_episodes, make_envs
@@ -38,6 +61,68 @@ PROBE_SEED = 12345
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+
+# Libraries whose versions can change a trial's numbers (recorded as versions_json).
+VERSIONED_PACKAGES = ("dtsweep", "torch", "transformers", "gymnasium", "mujoco", "ray", "numpy", "pyarrow")
+
+
+def library_versions() -> dict[str, str | None]:
+    """{package: installed version or None} for VERSIONED_PACKAGES, without importing them."""
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def resolve_trial_dataset(trial: Trial) -> DatasetSource:
+    """Resolve a trial's dataset on this machine (what the driver does once per dataset)."""
+    return resolve_source(trial.dataset, env=trial.env, steps=trial.data.steps, seed=trial.data.seed)
+
+
+def open_trial_dataset(trial: Trial, given: DatasetSource | None = None) -> DatasetSource:
+    """The dataset file this trial reads: `given` (the driver's resolution), verified here.
+
+    Refuses (DatasetError) when the file on this node has other bytes than the driver's
+    (sha256), or when a file-path dataset's bytes differ from those its trial id was made
+    from. A generated file missing on this node is generated here and must come out
+    byte-identical; any other missing file is an error (put it where every node sees it).
+    """
+    source = given if given is not None else resolve_trial_dataset(trial)
+    if not Path(source.path).is_file():
+        if source.origin != "generated":
+            raise DatasetNotFoundError(
+                f"trial {trial.trial_id}: dataset file {source.path} (resolved by the driver) is not on this node; "
+                "put it on storage every node mounts at that path"
+            )
+        here = resolve_trial_dataset(trial)
+        source = DatasetSource(**{**source.to_dict(), "path": here.path})
+    actual = file_sha256(source.path)
+    expected = trial.dataset_sha256 or source.sha256
+    if actual != source.sha256 or actual != expected:
+        raise DatasetError(
+            f"trial {trial.trial_id}: dataset {trial.dataset!r} file {source.path} has sha256 {actual}, "
+            f"expected {expected} (the bytes the driver resolved); refusing to train on other data"
+        )
+    if source.env != trial.env:
+        raise DatasetError(f"trial {trial.trial_id}: dataset {trial.dataset!r} is a {source.env} dataset, trial env is {trial.env}")
+    return source
+
+
+def provenance_columns(trial: Trial, source: DatasetSource) -> dict:
+    """The provenance columns of trials.parquet for `trial` reading `source` (docs/outputs.md)."""
+    return {
+        "dataset_source": source.path,
+        "dataset_sha256": source.sha256,
+        "dataset_origin": source.origin,
+        "eval_env": source.eval_env,
+        "init_source": init_source(trial.init),
+        "init_family": init_family(trial.init),
+        "config_key": trial.config_key,
+        "versions_json": json.dumps(library_versions(), sort_keys=True),
+    }
 
 
 def pick_device() -> torch.device:
@@ -81,14 +166,26 @@ def training_attention(model: DecisionTransformer, device: torch.device):
 class TrialRunner:
     """Everything one trial needs, prepared once; `run()` trains from wherever it stands."""
 
-    def __init__(self, trial: Trial, store: Store, device: torch.device | None = None):
+    def __init__(
+        self,
+        trial: Trial,
+        store: Store,
+        device: torch.device | None = None,
+        dataset: DatasetSource | dict | None = None,
+    ):
+        """`dataset`: the driver's resolution of the trial's dataset (read and verified
+        here); None resolves it on this machine (standalone use)."""
         self.trial, self.store = trial, store
         self.device = device or pick_device()
         self.tid = trial.trial_id
         tc = trial.train
         info = ENVS[trial.env]
 
-        arrays = load_dataset(trial.dataset, steps=trial.data.steps, seed=trial.data.seed)
+        if isinstance(dataset, dict):
+            dataset = DatasetSource.from_dict(dataset)
+        self.dataset = open_trial_dataset(trial, dataset)
+        self.provenance = provenance_columns(trial, self.dataset)
+        arrays = read_d4rl_hdf5(self.dataset.path)
         self.traj = split_trajectories(arrays, max_ep_len=tc.max_ep_len)
         self.sampler = WindowSampler(
             self.traj, trial.context_len, tc.batch_size, seed=trial.seed, rtg_scale=tc.rtg_scale, device=self.device
@@ -252,7 +349,7 @@ class TrialRunner:
     def evaluate(self) -> dict:
         t, ev = self.trial, self.trial.eval
         if self.eval_envs is None:
-            self.eval_envs = make_envs(t.env, ev.episodes)
+            self.eval_envs = make_envs(t.env, ev.episodes, self.dataset.eval_env)
         with self.autocast():
             res = evaluate_episodes(
                 self.model,
@@ -316,6 +413,7 @@ class TrialRunner:
             "act_dim": info.act_dim,
             "backbone_config": backbone_config_dict(self.model),
             "trial": self.trial.to_dict(),
+            "provenance": self.provenance,
         }
         stats = write_checkpoint(self.store, rel, self.model.state_dict(), meta)
         row = {"trial_id": self.tid, "epoch": self.epoch, "path": self.store.uri(rel), **stats}
