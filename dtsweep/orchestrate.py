@@ -660,10 +660,10 @@ def sweep_status(sweep_dir: str) -> dict:
         if done[tid] is None:
             problems.append(f"metrics/{tid}.parquet is unreadable; `run` sets it aside and the trial resumes")
             done[tid] = -1
-    problems += [f"{name} is {why}; `run` rebuilds it" for name, why in stale_compacted(store).items()
-                 if not (why == "missing" and df.empty)]  # fmt: skip
     lease = read_lease(store)
     live = lease_state(lease) == "live"
+    if not live:  # while a run is active the compacted files lag behind by design
+        problems += [f"{name} is {why}; `run` rebuilds it" for name, why in stale_compacted(store).items()]
     status = [
         "finished" if done[r.trial_id] >= r.epochs else ("interrupted" if r.status == "running" and not live else r.status)
         for r in df.itertuples()
