@@ -14,6 +14,8 @@ import sys
 from collections import Counter
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+MAX_TRIALS_TEXT = "100,000"  # dtsweep.spec.MAX_TRIALS (not imported: keeps --help instant)
 
 
 class UserError(Exception):
@@ -29,6 +31,8 @@ _USER_ERROR_CLASSES = (
     ("dtsweep.data.d4rl", "DatasetNotFoundError"),
     ("dtsweep.data.d4rl", "DatasetError"),
     ("dtsweep.models.backbones", "InitError"),
+    ("dtsweep.store", "LeaseHeld"),
+    ("dtsweep.store", "StorageError"),
 )
 
 
@@ -37,10 +41,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, *(getattr(m, name) for m, (_, name) in zip(loaded, _USER_ERROR_CLASSES) if m is not None))
 
 
-def _load(path: str, storage: str | None = None):
-    from dtsweep.spec import load_spec
+def _load(path: str, storage: str | None = None, allow_large: bool = False):
+    from dtsweep.spec import check_grid_size, load_spec
 
     spec = load_spec(path)
+    check_grid_size(spec, allow_large=allow_large)
     return spec.with_storage(storage) if storage else spec
 
 
@@ -48,20 +53,32 @@ def _load(path: str, storage: str | None = None):
 
 
 def cmd_plan(args) -> int:
+    import dataclasses
+
     from dtsweep.costs import estimate
 
-    spec = _load(args.sweep, args.storage)
-    # (study, trial, cost, how many trials it stands for). A search study counts num_samples
+    spec = _load(args.sweep, args.storage, args.allow_large)
+    # (study, trial, cost, how many trials it stands for). A trial's cost does not depend on its
+    # seed, so each grid point is costed once with its study's first seed and counts len(seeds)
+    # trials: plan stays arithmetic at 100,000 trials. A search study counts num_samples
     # trials per group, each costed as the group's trial trained to the end (an upper bound
     # when ASHA stops samples early).
     items = []
     for st in spec.studies:
         n = st.search.num_samples if st.search is not None else 1
-        items += [(st.name, t, estimate(t), n) for t in spec.grid(st)]
-    rows = [{**t.columns(), "epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch, "params": c.params,
-             "device": "GPU" if t.resources.gpu > 0 else "CPU", "hours": round(c.gpu_hours, 4),
-             "gpu_hours": round(c.gpu_hours, 4) if t.resources.gpu > 0 else 0.0, "storage_bytes": c.storage_bytes}
-            for _, t, c, n in items if n == 1]  # fmt: skip
+        one_seed = dataclasses.replace(st, seed=st.seed[:1])
+        items += [(st.name, t, estimate(t), n * len(st.seed), st.seed if st.search is None else None)
+                  for t in spec.grid(one_seed)]  # fmt: skip
+    rows = []
+    if args.json:
+        for _, t, c, _, seeds in items:
+            if seeds is None:
+                continue
+            base = {"epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch, "params": c.params,
+                    "device": "GPU" if t.resources.gpu > 0 else "CPU", "hours": round(c.gpu_hours, 4),
+                    "gpu_hours": round(c.gpu_hours, 4) if t.resources.gpu > 0 else 0.0, "storage_bytes": c.storage_bytes}  # fmt: skip
+            rows += [{**dataclasses.replace(t, seed=seed).columns(), **base} for seed in seeds]
+    items = [(s, t, c, n) for s, t, c, n, _ in items]
 
     def total(study=None, device=None):
         return sum(n * c.gpu_hours for s, t, c, n in items
@@ -96,7 +113,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    spec = _load(args.sweep, args.storage)  # before the heavy imports: spec typos fail fast
+    spec = _load(args.sweep, args.storage, args.allow_large)  # before the heavy imports: spec typos fail fast
     from dtsweep.orchestrate import run_sweep
     from dtsweep.preflight import check_run
 
@@ -123,8 +140,17 @@ def cmd_status(args) -> int:
         return 0
     counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
     print(f"{st['sweep_dir']}: {st['total']} trials: {counts}")
+    if st["run"] == "running":
+        from dtsweep.store import describe_lease
+
+        print(f"  a run is active: {describe_lease(st['lease'])}")
+    elif st["run"] == "interrupted":
+        print("  interrupted: no run is active and trials were left running; run the same command again to resume them")
+    for problem in st["problems"]:
+        print(f"  damaged: {problem}")
     for f in st["failures"]:
-        print(f"  failed {f['trial_id']} ({f['init']} {f['dataset']} K={f['context_len']} seed={f['seed']}): {f['error']}")
+        where = f" (traceback: {f['error_file']})" if f.get("error_file") else ""
+        print(f"  failed {f['trial_id']} ({f['init']} {f['dataset']} K={f['context_len']} seed={f['seed']}): {f['error']}{where}")
     for w in st.get("warnings", []):
         print(w)
     return 0
@@ -134,11 +160,47 @@ def cmd_status(args) -> int:
 
 
 def cmd_data_make(args) -> int:
+    _check_data_make(args.name, args.steps, args.seed, args.out)
     from dtsweep.data import make_dataset
 
     card = make_dataset(args.name, steps=args.steps, seed=args.seed, out_path=args.out)
     print(json.dumps(card, indent=1, default=str))
     return 0
+
+
+def _check_data_make(name: str, steps: int, seed: int, out: str) -> None:
+    """Every argument of `data make`, before anything is generated (UserError, one line)."""
+    import tempfile
+    from pathlib import Path
+
+    from dtsweep.data.d4rl import generators
+    from dtsweep.envs import parse_dataset
+
+    try:
+        env, quality, version = parse_dataset(name)
+    except ValueError as e:
+        raise UserError(f"data make: {e}") from None
+    if version is not None:
+        raise UserError(f"data make: {name!r} names a D4RL release; generated datasets are unversioned (use {env}-{quality})")
+    if quality not in generators():
+        raise UserError(f"data make: no generator for {quality!r} datasets (have: {', '.join(sorted(generators()))})")
+    if not 1 <= steps < 2**63:
+        raise UserError(f"data make: --steps {steps} is not valid; expected a positive number of environment steps")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"data make: --seed {seed} is not valid; expected an integer in [0, 2**63)")
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise UserError(f"data make: --out {out} is a directory; give a file path such as {path / (name + '.hdf5')}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"data make: --out {out} cannot be written: {ancestor} is a file, not a directory")
+    try:  # os.access says yes to root even on /proc: create and remove a real file
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise UserError(f"data make: --out {out} cannot be written: {e.strerror or e} ({ancestor})") from None
 
 
 def cmd_data_train_behaviour(args) -> int:
@@ -208,6 +270,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.add_argument("sweep", help="sweep YAML file")
     q.add_argument("--storage", help="override the spec's storage (local path or URI)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--allow-large", action="store_true", help=f"accept a grid of more than {MAX_TRIALS_TEXT} trials")
     q.set_defaults(func=cmd_plan)
 
     q = sub.add_parser("run", help="train every unfinished trial of a sweep (resumable)")
@@ -216,6 +279,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.add_argument("--address", help="Ray cluster address, e.g. 10.0.0.5:6379 or auto (default: RAY_ADDRESS, "
                    "else the Ray started on this machine by `ray start`, else a new local Ray)")
     q.add_argument("--retry-failed", action="store_true", help="also rerun trials recorded as failed")
+    q.add_argument("--allow-large", action="store_true", help=f"accept a grid of more than {MAX_TRIALS_TEXT} trials")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("status", help="counts by status and failures of a sweep directory")
@@ -275,4 +339,4 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -14,6 +14,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from dtsweep.spec import SweepSpec, Trial, resolved_yaml
 from dtsweep.store import (
@@ -30,7 +32,13 @@ from dtsweep.store import (
     METRICS_SCHEMA,
     PROVENANCE_COLUMNS,
     TRIALS_SCHEMA,
+    Lease,
     Store,
+    describe_lease,
+    lease_state,
+    read_checkpoint_metadata,
+    read_lease,
+    sha256_file,
     table_from_rows,
 )
 
@@ -114,7 +122,9 @@ class Ledger:
     def __init__(self, store: Store, trials: list[Trial]):
         self.store = store
         self.trials = {t.trial_id: t for t in trials}
-        old = store.read_table("trials.parquet").to_pylist() if store.exists("trials.parquet") else []
+        old = readable_rows(store, "trials.parquet")
+        if old is None:  # lost or set aside by `repair`: recover what the outputs tell
+            old = recovered_rows(store, set(self.trials))
         # Trials of earlier runs of this sweep that the current spec no longer lists stay.
         self.rows: dict[str, dict] = {r["trial_id"]: r for r in old}
         # trial_id -> provenance columns of trials this run resolved (set_provenance); rows of
@@ -190,15 +200,132 @@ def _complete_checkpoint_epoch(store: Store, rel: str) -> int | None:
 
 
 def compact(store: Store) -> None:
-    """Concatenate per-trial metrics and checkpoint indexes into the two top-level files."""
+    """Concatenate per-trial metrics and checkpoint indexes into the two top-level files.
+
+    Checkpoint paths are written relative to the sweep directory (older absolute ones that
+    point into it are made relative), so a copied or moved sweep directory reads its own files.
+    """
     tables = [store.read_table(p) for p in store.list("metrics", ".parquet")]
     metrics = pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
     metrics = metrics.sort_by([("trial_id", "ascending"), ("epoch", "ascending")])
     store.write_table("metrics.parquet", metrics)
-    idx = [store.read_table(f"checkpoints/{tid}/index.parquet") for tid in store.list_dirs("checkpoints")
-           if store.exists(f"checkpoints/{tid}/index.parquet")]  # fmt: skip
-    ck = pa.concat_tables(idx) if idx else CHECKPOINTS_SCHEMA.empty_table()
+    rows = [r for tid in store.list_dirs("checkpoints") for r in readable_rows(store, f"checkpoints/{tid}/index.parquet") or []]
+    for r in rows:
+        r["path"] = store.relative(r["path"]) or r["path"]
+    ck = table_from_rows(rows, CHECKPOINTS_SCHEMA)
     store.write_table("checkpoints.parquet", ck.sort_by([("trial_id", "ascending"), ("epoch", "ascending")]))
+
+
+# --------------------------------------------------------------------------------------
+# Self-repair: damaged or missing files are set aside and rebuilt from what survives
+# --------------------------------------------------------------------------------------
+
+
+def readable_rows(store: Store, rel: str) -> list[dict] | None:
+    """Rows of the Parquet file `rel`, or None if it is missing or cannot be read (cut off, garbled)."""
+    if not store.exists(rel):
+        return None
+    try:
+        return store.read_table(rel).to_pylist()
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def safe_epochs_done(store: Store, trial_id: str) -> int | None:
+    """`epochs_done`, or None when the trial's metrics file exists but cannot be read."""
+    try:
+        return epochs_done(store, trial_id)
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _parquet_rows(store: Store, rel: str) -> int | None:
+    """Row count from a Parquet file's footer; None if missing or unreadable."""
+    try:
+        return pq.read_metadata(store.path(rel), filesystem=store.fs).num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def stale_compacted(store: Store) -> dict[str, str]:
+    """{"metrics.parquet"|"checkpoints.parquet": why it must be rebuilt} for each compacted file
+    that is missing, unreadable, or holds another number of rows than the per-trial files."""
+    out = {}
+    sources = {
+        "metrics.parquet": store.list("metrics", ".parquet"),
+        "checkpoints.parquet": [rel for tid in store.list_dirs("checkpoints")
+                                if store.exists(rel := f"checkpoints/{tid}/index.parquet")],
+    }  # fmt: skip
+    for name, parts in sources.items():
+        have = _parquet_rows(store, name)
+        want = sum(_parquet_rows(store, p) or 0 for p in parts)
+        if not store.exists(name):
+            out[name] = "missing"
+        elif have is None:
+            out[name] = "unreadable"
+        elif have != want:
+            out[name] = f"stale ({have} rows, the per-trial files hold {want})"
+    return out
+
+
+def rebuild_checkpoint_index(store: Store, trial_id: str) -> int:
+    """Rewrite `checkpoints/<trial_id>/index.parquet` from the checkpoint files themselves
+    (epoch from the file name, n_params from the footer, size and sha256 of the bytes); returns its rows."""
+    rows = []
+    for rel in store.list(f"checkpoints/{trial_id}", ".parquet"):
+        m = re.fullmatch(r"epoch=(\d+)\.parquet", rel.rsplit("/", 1)[1])
+        if m is None:
+            continue
+        try:
+            meta = read_checkpoint_metadata(store.uri(rel))
+        except (OSError, pa.ArrowException, ValueError):  # a cut-off checkpoint: left out, retrained if needed
+            continue
+        rows.append({"trial_id": trial_id, "epoch": int(m[1]), "path": rel, "n_params": meta.get("n_params"),
+                     "nbytes": store.file_size(rel), "sha256": sha256_file(store.uri(rel))})  # fmt: skip
+    store.write_table(f"checkpoints/{trial_id}/index.parquet", table_from_rows(rows, CHECKPOINTS_SCHEMA))
+    return len(rows)
+
+
+def repair(store: Store, log=print) -> None:
+    """Before a run reads anything: set aside every unreadable per-trial file and the ledger
+    (renamed `<name>.corrupt-<time>`, one line each) and rebuild the checkpoint indexes.
+
+    A trial whose metrics file was set aside resumes from its newest resume checkpoint (whose
+    state carries every metrics row so far) or reruns; nothing finished is lost.
+    """
+    for rel in store.list("metrics", ".parquet"):
+        if readable_rows(store, rel) is None:
+            log(f"{rel} is unreadable (cut off or damaged): set aside as {store.set_aside(rel)}; "
+                "its trial resumes from its last checkpoint or reruns")  # fmt: skip
+    for tid in store.list_dirs("checkpoints"):
+        rel = f"checkpoints/{tid}/index.parquet"
+        damaged = store.exists(rel) and readable_rows(store, rel) is None
+        if damaged:
+            log(f"{rel} is unreadable: set aside as {store.set_aside(rel)}")
+        if damaged or (not store.exists(rel) and store.list(f"checkpoints/{tid}", ".parquet")):
+            log(f"{rel}: rebuilt from its {rebuild_checkpoint_index(store, tid)} checkpoint files")
+    if store.exists("trials.parquet") and readable_rows(store, "trials.parquet") is None:
+        log(f"trials.parquet is unreadable: set aside as {store.set_aside('trials.parquet')}; "
+            "rebuilt from the spec and the per-trial files")  # fmt: skip
+
+
+def recovered_rows(store: Store, known: set[str]) -> list[dict]:
+    """Ledger rows for trials with outputs but no ledger row and not in the current spec
+    (the ledger was lost, and the spec since changed): rebuilt from their checkpoints' metadata."""
+    rows = []
+    for rel in store.list("metrics", ".parquet"):
+        tid = rel.rsplit("/", 1)[1].removesuffix(".parquet")
+        if tid in known:
+            continue
+        for ck in store.list(f"checkpoints/{tid}", ".parquet"):
+            try:
+                t = Trial.from_dict(read_checkpoint_metadata(store.uri(ck))["trial"])
+            except (OSError, pa.ArrowException, ValueError, KeyError, TypeError):
+                continue
+            done = safe_epochs_done(store, tid)
+            rows.append(trial_row(t, "finished" if (done or -1) >= t.epochs else "pending", done or -1))
+            break
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -250,15 +377,44 @@ def _describe(t: Trial) -> str:
     return f"({t.init} {t.dataset} K={t.context_len}{swap} seed={t.seed})"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def error_text(error: BaseException | str) -> str:
+    """The ledger's `error`: "<Type>: <message>" of the exception the trial raised, one line.
+
+    Ray wraps a worker's exception (RayTaskError, its message a coloured header and a
+    traceback); the innermost `.cause` is what the trial raised. A string is Tune's error
+    text: its last line is that exception's. ANSI colour codes are removed.
+    """
+    if isinstance(error, str):
+        lines = [ln.strip() for ln in _ANSI.sub("", error).splitlines() if ln.strip()]
+        return (lines[-1] if lines else "unknown error (see Ray logs)")[:1000]
+    seen = set()
+    while isinstance(getattr(error, "cause", None), BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        error = error.cause
+    name = type(error).__name__
+    # Ray's as_instanceof_cause() class is named "RayTaskError(OSError)": keep the cause's name.
+    name = name[name.index("(") + 1 : -1] if name.endswith(")") and "(" in name else name
+    message = " ".join(ln.strip() for ln in _ANSI.sub("", str(error)).splitlines() if ln.strip())
+    return (f"{name}: {message}" if message else name)[:1000]
+
+
 def _error_line(trial) -> str:
-    """One line for the ledger: the exception type and message from Tune's error file."""
+    """One line for the ledger from Tune's error file of `trial` (while the run goes on)."""
     path = getattr(trial, "error_file", None) or ""
-    text = ""
-    if path and os.path.exists(path):
-        text = Path(path).read_text().strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Tune's error file ends with the exception's last line ("ValueError: ...").
-    return (lines[-1] if lines else "unknown error (see Ray logs)")[:500]
+    text = Path(path).read_text() if path and os.path.exists(path) else ""
+    return error_text(text)
+
+
+def error_file(store: Store, trial_id: str) -> str | None:
+    """Location of the newest Tune error file (full traceback) of a trial under `_tune/`, if any."""
+    for run in reversed(store.list_dirs(TUNE_DIR)):  # run names sort by start time
+        rel = f"{TUNE_DIR}/{run}/{trial_id}/error.txt"
+        if store.exists(rel):
+            return store.uri(rel)
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -305,6 +461,11 @@ def trial_provenance(trials: list[Trial], sources: dict) -> dict[str, dict]:
     return {t.trial_id: provenance_columns(t, sources[dataset_key(t)]) for t in trials}
 
 
+# Sweep directories whose lease this process holds: run_with_searches runs its grid studies
+# through run_sweep, which must not ask for the lease a second time.
+_HELD: dict[str, Lease] = {}
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -312,15 +473,36 @@ def run_sweep(
     retry_failed: bool = False,
     log=print,
 ) -> RunSummary:
-    """Train every unfinished trial of `spec`; returns counts. Idempotent and resumable."""
-    if any(st.search is not None for st in spec.studies):
-        from dtsweep.search import run_with_searches  # runs the grid studies through here, then the searches
+    """Train every unfinished trial of `spec`; returns counts. Idempotent and resumable.
 
-        return run_with_searches(spec, address=address, retry_failed=retry_failed, log=log)
+    Holds the sweep directory's lease (`dtsweep.store.Lease`) throughout: raises LeaseHeld if
+    another live run holds it. Damaged per-trial files are set aside first (`repair`). On
+    KeyboardInterrupt the ledger keeps unstarted trials `pending` and started ones `running`
+    (the next run resumes them), the lease is released, and the interrupt propagates.
+    """
     store = Store(spec.sweep_dir)
+    if store.uri() in _HELD:
+        return _run_sweep(spec, store, address=address, retry_failed=retry_failed, log=log)
+    store.check_writable()
+    lease = Lease(store, log=log)
+    lease.acquire()
+    _HELD[store.uri()] = lease
+    try:
+        repair(store, log=log)
+        if any(st.search is not None for st in spec.studies):
+            from dtsweep.search import run_with_searches  # runs the grid studies through here, then the searches
+
+            return run_with_searches(spec, address=address, retry_failed=retry_failed, log=log)
+        return _run_sweep(spec, store, address=address, retry_failed=retry_failed, log=log)
+    finally:
+        del _HELD[store.uri()]
+        lease.release()
+
+
+def _run_sweep(spec: SweepSpec, store: Store, *, address, retry_failed: bool, log) -> RunSummary:
     trials = spec.trials()
     store.check_writable()
-    if not store.exists("sweep.yaml") or store.read_bytes("sweep.yaml").decode() != resolved_yaml(spec):
+    if not store.exists("sweep.yaml") or store.read_bytes("sweep.yaml").decode(errors="replace") != resolved_yaml(spec):
         store.write_bytes("sweep.yaml", resolved_yaml(spec).encode())
 
     ledger = Ledger(store, trials)
@@ -332,19 +514,25 @@ def run_sweep(
         + (f", {n_failed_kept} failed (rerun with --retry-failed)" if n_failed_kept else "")
         + f" -> {store.uri()}")  # fmt: skip
     if not todo:
-        if not store.exists("metrics.parquet") or not store.exists("checkpoints.parquet"):
+        if _ledger_differs(store, ledger):
             ledger.write()
+        stale = stale_compacted(store)
+        if stale:
             compact(store)
+            log("rebuilt " + ", ".join(f"{name} ({why})" for name, why in stale.items()))
         return RunSummary(store.uri(), len(trials), n_finished, 0, n_finished, n_failed_kept)
 
     for t in todo:
         ledger.rows[t.trial_id]["status"] = "pending"
         ledger.rows[t.trial_id]["error"] = None
-    sources = prepare_datasets(todo)
-    ledger.set_provenance(trial_provenance(todo, sources))
-    ledger.write()
-
-    results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished, log=log, sources=sources)
+    try:
+        sources = prepare_datasets(todo)  # generating a dataset can take minutes: Ctrl-C is likely here
+        ledger.set_provenance(trial_provenance(todo, sources))
+        ledger.write()
+        results = _fit(spec, store, todo, ledger, address=address or spec.ray.address, n_total=len(trials), n_skipped=n_finished, log=log, sources=sources)
+    except KeyboardInterrupt:
+        _record_interrupt(store, ledger, todo)
+        raise
 
     finished = failed = 0
     for t in todo:
@@ -362,6 +550,26 @@ def run_sweep(
     return RunSummary(store.uri(), len(trials), n_finished, len(todo), n_finished + finished, failed + n_failed_kept)
 
 
+def _record_interrupt(store: Store, ledger: Ledger, todo: list[Trial]) -> None:
+    """After Ctrl-C: trials that completed are finished, started ones stay `running` (the next
+    run resumes them from their last epoch), unstarted ones stay `pending`; nothing is failed."""
+    for t in todo:
+        done = safe_epochs_done(store, t.trial_id)
+        status = "finished" if (done if done is not None else -1) >= t.epochs else ledger.status(t.trial_id)
+        ledger.rows[t.trial_id] = trial_row(t, status, done if done is not None else -1)
+    ledger.write()
+    compact(store)
+
+
+def _ledger_differs(store: Store, ledger: Ledger) -> bool:
+    """True if trials.parquet is missing, unreadable, or disagrees with `ledger` on a trial's status."""
+    rows = readable_rows(store, "trials.parquet")
+    if rows is None:
+        return True
+    on_disk = {(r["trial_id"], r["status"], r["epochs_done"]) for r in rows}
+    return on_disk != {(r["trial_id"], r["status"], r["epochs_done"]) for r in ledger.rows.values()}
+
+
 def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_total, n_skipped, log=print, sources=None) -> dict[str, str | None]:
     """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine).
 
@@ -372,6 +580,10 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
     # Tune warns each time num_to_keep=1 forces an experiment snapshot; with one checkpoint
     # per epoch that is by design, and the warning would drown the progress lines.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own SIGINT handler ends the experiment "gracefully": every unstarted trial comes
+    # back as an error and a Tuner.restore hint is printed. Without it Ctrl-C raises
+    # KeyboardInterrupt here; the caller records the interrupt and the next run resumes.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     started_here = not ray.is_initialized()
     if started_here:
         init_ray(address, num_cpus=spec.ray.num_cpus)
@@ -417,7 +629,7 @@ def _fit(spec, store: Store, todo: list[Trial], ledger: Ledger, *, address, n_to
             if not res.config:  # Tune returns config-less results after an interrupt
                 continue
             tid = res.config["job"]["trial_id"]
-            out[tid] = None if res.error is None else f"{type(res.error).__name__}: {res.error}".splitlines()[0][:500]
+            out[tid] = None if res.error is None else error_text(res.error)
         return out
     finally:
         if started_here:
@@ -478,25 +690,72 @@ def mixed_dataset_warnings(ledger: pd.DataFrame) -> list[str]:
 
 
 def sweep_status(sweep_dir: str) -> dict:
-    """Counts by status and failures with their reasons, read from the sweep directory."""
+    """Counts by status and failures with their reasons, read from the sweep directory.
+
+    Never raises on damage: unreadable files are named in "problems" (a rerun repairs them)
+    and what can be read is reported. "run" says whether a `run` is active: "running" (its
+    lease is live, with "lease" naming it), "interrupted" (no live lease but trials were left
+    running: rerun to resume; those trials show as "interrupted") or "idle".
+    """
     store = Store(sweep_dir)
-    if not store.exists("trials.parquet"):
-        raise FileNotFoundError(f"{sweep_dir}: no trials.parquet (not a dtsweep sweep directory, or never run)")
-    df = read_ledger(store)
+    problems: list[str] = []
+    rows = readable_rows(store, "trials.parquet")
+    if rows is None:
+        rows = _ledger_from_sweep_yaml(store)
+        if rows is None:
+            if store.exists("trials.parquet"):
+                raise FileNotFoundError(f"{sweep_dir}: trials.parquet is unreadable and there is no readable sweep.yaml to rebuild it from")
+            raise FileNotFoundError(f"{sweep_dir}: no trials.parquet (not a dtsweep sweep directory, or never run)")
+        problems.append(("trials.parquet is unreadable" if store.exists("trials.parquet") else "trials.parquet is missing")
+                        + ": statuses below are rebuilt from sweep.yaml and metrics/; `run` repairs it")  # fmt: skip
+    df = pd.DataFrame(rows) if rows else TRIALS_SCHEMA.empty_table().to_pandas()
+    for col in TRIALS_SCHEMA.names:
+        if col not in df:
+            df[col] = None
     # A driver killed mid-run leaves "running"/"pending": the metrics files say how far each got.
-    done = {tid: epochs_done(store, tid) for tid in df["trial_id"]}
+    done = {}
+    for tid in df["trial_id"]:
+        done[tid] = safe_epochs_done(store, tid)
+        if done[tid] is None:
+            problems.append(f"metrics/{tid}.parquet is unreadable; `run` sets it aside and the trial resumes")
+            done[tid] = -1
+    lease = read_lease(store)
+    live = lease_state(lease) == "live"
+    if not live:  # while a run is active the compacted files lag behind by design
+        problems += [f"{name} is {why}; `run` rebuilds it" for name, why in stale_compacted(store).items()]
     status = [
-        "finished" if done[r.trial_id] >= r.epochs else r.status
+        "finished" if done[r.trial_id] >= r.epochs else ("interrupted" if r.status == "running" and not live else r.status)
         for r in df.itertuples()
     ]
     df = df.assign(status=status, epochs_done=[max(done[t], 0) for t in df["trial_id"]])
+    run = "running" if live else ("interrupted" if "interrupted" in status else "idle")
     counts = df["status"].value_counts().to_dict()
     failures = df[df["status"] == "failed"][["trial_id", "init", "dataset", "context_len", "swap_block", "seed", "error"]]
+    failures = failures.assign(error_file=[error_file(store, tid) for tid in failures["trial_id"]])
     return {
         "sweep_dir": store.uri(),
         "warnings": mixed_dataset_warnings(df),
         "total": int(len(df)),
         "counts": {k: int(v) for k, v in counts.items()},
+        "run": run,
+        "lease": lease if live else None,
+        "problems": problems,
         "failures": failures.to_dict("records"),
         "trials": df[["trial_id", "study", "init", "dataset", "context_len", "swap_block", "seed", "status", "epochs_done", "epochs"]],
     }
+
+
+def _ledger_from_sweep_yaml(store: Store) -> list[dict] | None:
+    """Ledger rows of the spec stored as sweep.yaml (statuses unknown: pending), or None."""
+    from dtsweep.spec import SpecError, parse_spec
+
+    if not store.exists("sweep.yaml"):
+        return None
+    try:
+        import yaml
+
+        spec = parse_spec(yaml.safe_load(store.read_bytes("sweep.yaml").decode()))
+    except (OSError, ValueError, SpecError, yaml.YAMLError):
+        return None
+    rows = [trial_row(t, "pending", -1) for t in spec.trials()]
+    return rows + recovered_rows(store, {r["trial_id"] for r in rows})

@@ -442,6 +442,35 @@ _TOP_KEYS = {"name", "storage", "defaults", "studies", "resources", "ray"}
 DEFAULT_CHECKPOINT_EPOCHS = (0, 1, 4, 10, "final")
 
 
+INT64_MAX = 2**63 - 1  # every integer of a spec ends up in an int64 Parquet column or a seed
+MAX_TRIALS = 100_000  # above this, plan/run need --allow-large (a typo in a seed count, usually)
+
+
+def _check_name(v: Any, path: str) -> str:
+    """A sweep or study name: it becomes a directory name, so one path component, not . or .."""
+    ok = isinstance(v, str) and v.strip() not in ("", ".", "..") and not any(c in v for c in "/\\\0")
+    if not ok or any(ord(c) < 32 for c in v):
+        raise _fail(path, v, "a non-empty name without '/', '\\' or control characters, not '.' or '..'")
+    return v
+
+
+def grid_size(spec: "SweepSpec") -> int:
+    """Number of trials the spec stands for (search studies: groups × num_samples), by arithmetic."""
+    total = 0
+    for st in spec.studies:
+        n = len(st.init) * len(st.dataset) * len(st.context_len) * len(st.swap_block) * len(st.seed)
+        total += n * (st.search.num_samples if st.search is not None else 1)
+    return total
+
+
+def check_grid_size(spec: "SweepSpec", *, allow_large: bool = False) -> None:
+    """Refuse (SpecError) a grid above MAX_TRIALS trials unless allow_large."""
+    n = grid_size(spec)
+    if n > MAX_TRIALS and not allow_large:
+        raise SpecError(f"the sweep has {n:,} trials (more than {MAX_TRIALS:,}); check the seed counts and grid lists, "
+                        "or pass --allow-large if you mean it")  # fmt: skip
+
+
 def _fail(path: str, value: Any, allowed: str) -> SpecError:
     return SpecError(f"{path}: {value!r} is not valid; expected {allowed}")
 
@@ -469,6 +498,8 @@ def _int(v: Any, path: str, lo: int | None = None) -> int:
         raise _fail(path, v, "an integer" + (f" >= {lo}" if lo is not None else ""))
     if lo is not None and v < lo:
         raise _fail(path, v, f"an integer >= {lo}")
+    if not -INT64_MAX - 1 <= v <= INT64_MAX:
+        raise _fail(path, v, f"an integer in [{lo if lo is not None else '-2**63'}, 2**63)")
     return v
 
 
@@ -613,7 +644,10 @@ def _parse_seeds(v: Any, path: str) -> tuple:
         if "count" not in d:
             raise SpecError(f"{path}.count: missing; write seed: {{start: 0, count: 10}} or a list")
         start = _int(d.get("start", 0), f"{path}.start", lo=0)
-        return tuple(range(start, start + _int(d["count"], f"{path}.count", lo=1)))
+        count = _int(d["count"], f"{path}.count", lo=1)
+        if start + count - 1 > INT64_MAX:
+            raise _fail(path, v, "seeds in [0, 2**63): start + count - 1 must stay below 2**63")
+        return tuple(range(start, start + count))
     seeds = tuple(_int(s, f"{path}[{i}]", lo=0) for i, s in enumerate(_as_list(v)))
     if len(set(seeds)) != len(seeds):
         raise _fail(path, list(seeds), "distinct seeds")
@@ -683,9 +717,7 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
     for key in ("init", "seed"):
         if key not in d:
             raise SpecError(f"{path}.{key}: missing (required)")
-    name = d.get("name", f"study{i}")
-    if not isinstance(name, str) or not name:
-        raise _fail(f"{path}.name", name, "a non-empty string")
+    name = _check_name(d.get("name", f"study{i}"), f"{path}.name")
 
     inits = tuple(_parse_init(v, f"{path}.init") for v in _as_list(d["init"]))
 
@@ -960,9 +992,7 @@ def parse_spec(raw: Any) -> SweepSpec:
     raw = _check_keys(raw, _TOP_KEYS, "")
     if not raw:
         raise SpecError("spec is empty; expected keys name, storage, studies")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _fail("name", name, "a non-empty string without '/'")
+    name = _check_name(raw.get("name"), "name")
     storage = raw.get("storage", "runs")
     if not isinstance(storage, str) or not storage:
         raise _fail("storage", storage, "a local path or URI (s3://..., gs://..., file://...)")
@@ -1023,7 +1053,12 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not p.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "save the spec as UTF-8 YAML") from None  # fmt: skip
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -11,9 +11,13 @@ never pickle, so a checkpoint received from someone else is safe to open.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -111,6 +115,10 @@ def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(s).expanduser().resolve())
 
 
+class StorageError(OSError):
+    """The sweep directory cannot be written (a user-fixable problem: one line, exit 2)."""
+
+
 class Store:
     """A sweep directory: relative paths in, atomic Parquet/bytes out."""
 
@@ -128,6 +136,35 @@ class Store:
     def uri(self, *parts: str) -> str:
         """Location a user or another process can open: an absolute path, or a URI for a URI root."""
         return self.path(*parts) if self.is_local else "/".join([self.root, *parts])
+
+    def resolve_rel(self, path: str) -> str:
+        """A path as stored in an output table (`checkpoints.parquet`'s `path`) -> a location to open.
+
+        Paths are stored relative to the sweep directory, so a copied or moved sweep reads its
+        own files. Absolute paths and URIs written by older versions are accepted: when the
+        file they name exists inside this sweep directory (same path below `checkpoints/`),
+        that copy is used, otherwise the path as written.
+        """
+        rel = self.relative(path)
+        return self.uri(rel) if rel is not None else str(path)
+
+    def relative(self, path: str) -> str | None:
+        """`path` as a path relative to this sweep directory, or None if it lies outside it.
+
+        A relative path is returned as is; an absolute path or URI is matched on its part from
+        the last `/checkpoints/` on (the only absolute paths older versions stored), and only if
+        that file exists here.
+        """
+        s = str(path)
+        if "://" not in s and not s.startswith("/"):
+            return s
+        for prefix in (self.uri(), self.path(), self.root):
+            if s.startswith(prefix + "/"):
+                return s[len(prefix) + 1 :]
+        cut = s.rfind("/checkpoints/")
+        if cut >= 0 and self.exists(s[cut + 1 :]):
+            return s[cut + 1 :]
+        return None
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -181,6 +218,20 @@ class Store:
         if self.exists(rel):
             self.fs.delete_file(self.path(rel))
 
+    def move(self, src: str, dst: str) -> None:
+        """Rename a file inside the sweep directory (a copy and a delete on object stores)."""
+        self.fs.move(self.path(src), self.path(dst))
+
+    def set_aside(self, rel: str) -> str:
+        """Rename a damaged file to `<rel>.corrupt-<UTC time>` (kept for inspection); returns the new name."""
+        new = f"{rel}.corrupt-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        self.move(rel, new)
+        return new
+
+    def file_size(self, rel: str) -> int | None:
+        info = self.fs.get_file_info(self.path(rel))
+        return info.size if info.type == pafs.FileType.File else None
+
     def check_writable(self) -> None:
         """Raise OSError with the location if the sweep directory cannot be written."""
         probe = f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -190,7 +241,12 @@ class Store:
                 f.write(b"ok")
             self.fs.delete_file(self.path(probe))
         except (OSError, pa.ArrowException) as e:
-            raise OSError(f"storage {self.root!r} is not writable: {e}") from None
+            raise StorageError(f"storage {self.root!r} is not writable: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -263,3 +319,144 @@ def sha256_file(path: str) -> str:
 def to_numpy_rows(df: pd.DataFrame) -> list[dict]:
     """DataFrame rows as plain-Python dicts (NaN/NA -> None) for table_from_rows."""
     return [{k: (None if pd.isna(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in r.items()} for r in df.to_dict("records")]
+
+
+# ---- the run lease: one `run` at a time per sweep directory
+
+LEASE_FILE = "lease.json"
+LEASE_TTL_S = 150.0  # a lease not renewed for this long belongs to a dead driver
+LEASE_RENEW_S = 30.0
+
+
+class LeaseHeld(Exception):
+    """Another live `run` holds the sweep directory (a user-fixable problem: one line, exit 2)."""
+
+
+def read_lease(store: Store) -> dict | None:
+    """The lease record in the sweep directory, or None if there is none (or it is unreadable)."""
+    if not store.exists(LEASE_FILE):
+        return None
+    try:
+        info = json.loads(store.read_bytes(LEASE_FILE))
+    except (OSError, ValueError):  # cut off or garbled: nobody can prove ownership with it
+        return None
+    return info if isinstance(info, dict) and "run_id" in info else None
+
+
+def lease_state(info: dict | None, now: float | None = None) -> str:
+    """"live", "expired" (not renewed in time) or "dead" (its driver on this host is gone); "none"."""
+    if info is None:
+        return "none"
+    if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+        return "dead"
+    return "live" if float(info.get("expires_at", 0)) > (time.time() if now is None else now) else "expired"
+
+
+def describe_lease(info: dict) -> str:
+    """One phrase naming the run that holds a lease: run id, host, pid and its last renewal."""
+    renewed = dt.datetime.fromtimestamp(float(info.get("renewed_at", 0)), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"run {info.get('run_id')} (host {info.get('host')}, pid {info.get('pid')}, last renewed {renewed})"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:  # a killed process its parent has not reaped yet is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Lease:
+    """Exclusive use of a sweep directory by one `run`, kept alive by a heartbeat thread.
+
+    The record (`lease.json`: run id, host, pid, renewed_at and expires_at in Unix seconds)
+    is written through `Store`, so it works on object storage as on a local disk. A lease
+    that was not renewed for `ttl_s` seconds, or whose driver on this same host has exited,
+    is stale and may be taken over. Object stores have no create-if-absent, so after writing
+    its record a driver waits `settle_s` and reads it back: of two drivers starting at once,
+    the one whose record was overwritten gives way.
+
+    ttl_s / renew_s default to $DTSWEEP_LEASE_TTL_S / $DTSWEEP_LEASE_RENEW_S, else 150 / 30.
+    """
+
+    def __init__(self, store: Store, *, ttl_s: float | None = None, renew_s: float | None = None,
+                 settle_s: float = 1.0, log=print):  # fmt: skip
+        self.store = store
+        self.ttl_s = float(ttl_s if ttl_s is not None else os.environ.get("DTSWEEP_LEASE_TTL_S", LEASE_TTL_S))
+        self.renew_s = float(renew_s if renew_s is not None else os.environ.get("DTSWEEP_LEASE_RENEW_S", LEASE_RENEW_S))
+        if not 0 < self.renew_s < self.ttl_s:
+            raise ValueError(f"lease renewal every {self.renew_s}s must be shorter than its duration {self.ttl_s}s")
+        self.settle_s = settle_s
+        self.log = log
+        self.run_id = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.lost_to: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self) -> dict:
+        now = time.time()
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "renewed_at": now, "expires_at": now + self.ttl_s}  # fmt: skip
+
+    def acquire(self) -> None:
+        """Take the lease or raise LeaseHeld naming its live holder; starts the heartbeat."""
+        current = read_lease(self.store)
+        state = lease_state(current)
+        if state == "live":
+            raise LeaseHeld(f"sweep directory {self.store.uri()} is in use by {describe_lease(current)}; "
+                            "wait for that run to end (a killed driver's lease expires "
+                            f"{self.ttl_s:.0f}s after its last renewal)")  # fmt: skip
+        if state in ("expired", "dead"):
+            why = "expired" if state == "expired" else "its driver has exited"
+            self.log(f"taking over the lease of {describe_lease(current)}: {why}")
+        self.store.write_bytes(LEASE_FILE, json.dumps(self.record()).encode())
+        time.sleep(self.settle_s)
+        now = read_lease(self.store)
+        if now is None or now["run_id"] != self.run_id:
+            raise LeaseHeld(f"sweep directory {self.store.uri()} was taken at the same moment by "
+                            f"{describe_lease(now) if now else 'another run'}")  # fmt: skip
+        self._thread = threading.Thread(target=self._heartbeat, name="dtsweep-lease", daemon=True)
+        self._thread.start()
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and nothing written) if another run has taken it over."""
+        current = read_lease(self.store)
+        if current is not None and current["run_id"] != self.run_id:
+            if self.lost_to is None:
+                self.log(f"warning: the lease of this run was taken over by {describe_lease(current)}; "
+                         "this run's lease had expired (driver stalled for over "
+                         f"{self.ttl_s:.0f}s); both runs now write the sweep directory")  # fmt: skip
+            self.lost_to = current
+            return False
+        self.store.write_bytes(LEASE_FILE, json.dumps(self.record()).encode())
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.renew_s):
+            try:
+                self.renew()
+            except (OSError, pa.ArrowException) as e:  # a storage hiccup: the next beat retries
+                self.log(f"warning: could not renew the lease: {_first_line(e)}")
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the record, if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = read_lease(self.store)
+        if current is not None and current["run_id"] == self.run_id:
+            self.store.delete(LEASE_FILE)
+
+    def __enter__(self) -> "Lease":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -171,3 +171,92 @@ def test_no_pickle_no_eval_in_the_package():
                 if not (isinstance(allow_pickle, ast.Constant) and allow_pickle.value is False):
                     problems.append(f"{where}: np.load with allow_pickle")
     assert problems == []
+
+
+# --------------------------------------------------------------------------------------
+# More bad input, in-process through the same `main` (no torch import per case): names that
+# would leave the storage directory, integers beyond int64, undecodable specs, grids far
+# larger than meant, storage the OS refuses, and `data make` arguments checked before
+# anything is generated.
+# --------------------------------------------------------------------------------------
+
+from dtsweep.cli import main  # noqa: E402
+
+# name -> (spec: dict, str or bytes; CLI args after the spec path; text the one line must hold)
+RUN_CASES = {
+    "sweep_named_dotdot": ({**VALID, "name": ".."}, [], "name: '..' is not valid"),
+    "sweep_named_dot": ({**VALID, "name": "."}, [], "name: '.' is not valid"),
+    "study_named_dotdot": (with_study(name=".."), [], "studies[0].name: '..' is not valid"),
+    "study_name_with_slash": (with_study(name="a/b"), [], "studies[0].name: 'a/b' is not valid"),
+    "seed_2_63": (with_study(seed=[2**63]), [], "studies[0].seed[0]: 9223372036854775808 is not valid; expected an integer in [0, 2**63)"),
+    "seed_negative": (with_study(seed=[-1]), [], "studies[0].seed[0]: -1 is not valid; expected an integer >= 0"),
+    "seed_count_past_2_63": (with_study(seed={"start": 2**63 - 1, "count": 2}), [], "seeds in [0, 2**63)"),
+    "epochs_beyond_int64": (with_study(train={"epochs": 2**64}), [], "studies[0].train.epochs: 18446744073709551616 is not valid"),
+    "not_utf8": (b"name: caf\xe9\nstudies: []\n", [], "not a UTF-8 text file"),
+    "not_yaml_binary": (b"\x89PNG\r\n\x1a\n\x00\x00", [], "not a UTF-8 text file"),
+    "grid_too_large": (with_study(seed={"start": 0, "count": 100_001}), [], "the sweep has 100,001 trials (more than 100,000)"),
+    "storage_under_proc": (VALID, ["--storage", "/proc/dtsweep-test-runs"], "is not writable"),
+    "storage_under_sys": (VALID, ["--storage", "/sys/dtsweep-test-runs"], "is not writable"),
+}
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+@pytest.mark.parametrize("name", RUN_CASES)
+def test_more_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, name, command):
+    spec, args, expected = RUN_CASES[name]
+    if command == "plan" and name.startswith("storage_"):
+        pytest.skip("plan writes nothing, so it does not check storage")
+    monkeypatch.chdir(tmp_path)
+    spec_path = tmp_path / "sweep.yaml"
+    if isinstance(spec, bytes):
+        spec_path.write_bytes(spec)
+    else:
+        spec_path.write_text(yaml.safe_dump({**spec, "storage": str(tmp_path / "runs")}))
+    capsys.readouterr()
+    assert main([command, str(spec_path), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+    assert not Path("/proc/dtsweep-test-runs").exists() and not Path("/sys/dtsweep-test-runs").exists()
+
+
+def test_grid_of_100000_plans_in_arithmetic_time_and_allow_large_lifts_the_bound(tmp_path, capsys):
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump({**with_study(seed={"start": 0, "count": 100_000}), "storage": str(tmp_path / "runs")}))
+    capsys.readouterr()
+    assert main(["plan", str(spec_path)]) == 0
+    assert "100000 trials" in capsys.readouterr().out
+    spec_path.write_text(yaml.safe_dump({**with_study(seed={"start": 0, "count": 300_000}), "storage": str(tmp_path / "runs")}))
+    assert main(["plan", str(spec_path)]) == 2
+    assert main(["plan", str(spec_path), "--allow-large"]) == 0
+    assert "300000 trials" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+# name -> (`data make` arguments, with {tmp}; text the one line must hold)
+DATA_CASES = {
+    "steps_zero": (["hopper-random", "--steps", "0", "--out", "{tmp}/x.hdf5"], "--steps 0 is not valid"),
+    "steps_negative": (["hopper-random", "--steps", "-5", "--out", "{tmp}/x.hdf5"], "--steps -5 is not valid"),
+    "seed_negative": (["hopper-random", "--seed", "-1", "--out", "{tmp}/x.hdf5"], "--seed -1 is not valid"),
+    "unknown_env": (["hoper-random", "--out", "{tmp}/x.hdf5"], "unknown env 'hoper'"),
+    "unknown_quality": (["hopper-expret", "--out", "{tmp}/x.hdf5"], "unknown dataset quality 'expret'"),
+    "no_generator": (["hopper-expert", "--out", "{tmp}/x.hdf5"], "no generator for 'expert' datasets"),
+    "versioned": (["hopper-random-v2", "--out", "{tmp}/x.hdf5"], "names a D4RL release"),
+    "out_is_directory": (["hopper-random", "--out", "{tmp}/a_dir"], "is a directory"),
+    "out_below_a_file": (["hopper-random", "--out", "{tmp}/a_file/x.hdf5"], "a_file is a file, not a directory"),
+    "out_under_proc": (["hopper-random", "--out", "/proc/dtsweep-test.hdf5"], "cannot be written"),
+    "out_under_sys": (["hopper-random", "--out", "/sys/dtsweep-test/x.hdf5"], "cannot be written"),
+}
+
+
+@pytest.mark.parametrize("name", DATA_CASES)
+def test_data_make_bad_input_before_generating(tmp_path, capsys, monkeypatch, name):
+    args, expected = DATA_CASES[name]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
+    capsys.readouterr()
+    assert main(["data", "make", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data make: ") and expected in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"] and not any((tmp_path / "a_dir").iterdir())

@@ -6,6 +6,7 @@ Each test gives Ray a private temp dir (RAY_TMPDIR), so it neither finds nor dis
 other Ray instances on the machine, and kills only processes it started.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import yaml
 from dtsweep.cli import main
 from dtsweep.orchestrate import epochs_done, latest_resume_checkpoints, run_sweep, sweep_status
 from dtsweep.spec import parse_spec
-from dtsweep.store import Store, sha256_file
+from dtsweep.store import Store, load_checkpoint, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -248,8 +249,10 @@ def test_killed_driver_rerun_finishes_only_the_rest(tmp_path, data_cache, ray_tm
     assert (merged.wall_time_s_before == merged.wall_time_s_after).all()
     assert set(pd.read_parquet(f"{spec.sweep_dir}/trials.parquet")["status"]) == {"finished"}
     ck = pd.read_parquet(f"{spec.sweep_dir}/checkpoints.parquet")
-    assert all(path.startswith(f"file://{local_dir}/checkpoints/") for path in ck.path)
-    assert sha256_file(ck.path.iloc[-1]) == ck.sha256.iloc[-1]
+    # Relative to the sweep directory; opened through the store, they are file:// URIs.
+    assert all(path.startswith("checkpoints/") for path in ck.path)
+    assert store.resolve_rel(ck.path.iloc[-1]).startswith(f"file://{local_dir}/checkpoints/")
+    assert sha256_file(store.resolve_rel(ck.path.iloc[-1])) == ck.sha256.iloc[-1]
 
 
 # --------------------------------------------------------------------------------------
@@ -277,7 +280,13 @@ def test_failed_trial_is_kept_failed_then_retried(tmp_path, data_cache, ray_tmpd
     status = capsys.readouterr().out
     assert "1 failed, 1 finished" in status
     (line,) = [ln for ln in status.splitlines() if ln.strip().startswith("failed")]
-    assert broken.trial_id in line and "seed=1" in line and "Error" in line
+    assert broken.trial_id in line and "seed=1" in line
+    # The exception the trial raised, not Ray's coloured wrapper header, and where its traceback is.
+    (error,) = [f["error"] for f in sweep_status(str(root))["failures"]]
+    assert error.split(":")[0] in ("NotADirectoryError", "FileExistsError", "OSError"), error
+    assert "\x1b" not in error and "RayTaskError" not in error and "ray::" not in error
+    traceback_file = line.split("(traceback: ")[1].rstrip(")")
+    assert traceback_file.startswith(str(root / "_tune")) and "Traceback" in Path(traceback_file).read_text()
 
     # A plain rerun leaves a failed trial alone (and says how to retry it).
     lines = []
@@ -292,3 +301,189 @@ def test_failed_trial_is_kept_failed_then_retried(tmp_path, data_cache, ray_tmpd
     assert sweep_status(str(root))["counts"] == {"finished": 2}
     assert file_bytes(root, healthy.trial_id) == untouched
     assert_one_row_per_epoch(str(root), spec)
+
+
+# --------------------------------------------------------------------------------------
+# Ctrl-C (SIGINT) mid-run, a second run while one is active, then a rerun
+# --------------------------------------------------------------------------------------
+
+
+def test_sigint_stops_cleanly_second_run_refused_rerun_resumes(tmp_path, data_cache, ray_tmpdir, capsys, monkeypatch):
+    raw = tiny_sweep(
+        tmp_path / "runs",
+        [
+            {"name": "long", "init": "random", "seed": [1], "train": {"epochs": 8, "steps_per_epoch": 150}},
+            {"name": "later", "init": "random", "seed": [2], "train": {"epochs": 1}},
+        ],
+        max_concurrent_trials=1,  # "later" waits for "long": it has not started at the interrupt
+    )
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec = parse_spec(raw)
+    long, later = spec.trials()
+    store = Store(spec.sweep_dir)
+    cmd = [sys.executable, "-m", "dtsweep", "run", str(spec_path)]
+    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=err)
+    try:
+        wait_for(lambda: checkpointed_epoch(store, long.trial_id) >= 1, 300, "the long trial to checkpoint an epoch")
+        st = sweep_status(spec.sweep_dir)
+        assert st["run"] == "running" and st["lease"]["pid"] == driver.pid
+
+        # A second run of the same sweep while the first is active: refused, one line, exit 2.
+        capsys.readouterr()
+        assert main(cmd[3:]) == 2
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert len(err_lines) == 1 and "is in use by run" in err_lines[0] and f"pid {driver.pid}" in err_lines[0]
+
+        os.kill(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=120) == 130
+        wait_for(lambda: not ray_processes(ray_tmpdir), 60, "the interrupted driver's Ray processes to exit")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        kill_all(ray_processes(ray_tmpdir))
+    stderr = (tmp_path / "first.err").read_text()
+    assert stderr.strip().splitlines()[-1] == "interrupted; run the same command again to resume", stderr[-3000:]
+    assert "Traceback" not in stderr and "Tuner.restore" not in stderr, stderr[-3000:]
+    assert not store.exists("lease.json")
+
+    at_interrupt = epochs_done(store, long.trial_id)
+    ledger = pd.read_parquet(f"{spec.sweep_dir}/trials.parquet").set_index("trial_id")
+    assert ledger.loc[later.trial_id, "status"] == "pending"
+    assert ledger.loc[long.trial_id, "status"] == "running" and at_interrupt < long.epochs
+    assert set(ledger["error"].dropna()) == set()
+    st = sweep_status(spec.sweep_dir)
+    assert st["run"] == "interrupted" and st["counts"] == {"interrupted": 1, "pending": 1}
+    capsys.readouterr()
+    assert main(["status", spec.sweep_dir]) == 0
+    assert "interrupted: no run is active" in capsys.readouterr().out
+
+    # The same command again: the long trial resumes from its last epoch, the other one starts.
+    assert main(cmd[3:]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials, 0 finished, 2 to run" in out
+    resumed_from = int(out.split(f"resuming {long.trial_id} from epoch ")[1].split()[0])
+    assert 1 <= resumed_from <= at_interrupt
+    assert sweep_status(spec.sweep_dir)["counts"] == {"finished": 2}
+    assert_one_row_per_epoch(spec.sweep_dir, spec)
+
+
+# --------------------------------------------------------------------------------------
+# Stale leases, damaged and moved sweep directories
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_tiny(tmp_path_factory, data_cache):
+    """A finished two-trial sweep (run once per module); tests work on copies of it."""
+    root = tmp_path_factory.mktemp("finished")
+    raw = tiny_sweep(root / "runs", [{"name": "main", "init": "random", "seed": [0, 1]}])
+    (root / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    ray_dir = tempfile.mkdtemp(prefix="dtsw-", dir="/tmp")
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = ray_dir
+    try:
+        assert run_sweep(parse_spec(raw), log=lambda *_: None).finished == 2
+    finally:
+        kill_all(ray_processes(ray_dir))
+        shutil.rmtree(ray_dir, ignore_errors=True)
+        os.environ.pop("RAY_TMPDIR") if old is None else os.environ.__setitem__("RAY_TMPDIR", old)
+    return raw, root / "runs" / "faults"
+
+
+def copy_of(finished_tiny, dest: Path):
+    """(spec of the copy, its sweep dir): the finished sweep copied to `dest`."""
+    raw, src = finished_tiny
+    shutil.copytree(src, dest / "faults")
+    raw = {**raw, "storage": str(dest)}
+    return parse_spec(raw), dest / "faults"
+
+
+def test_moved_sweep_dir_reads_its_own_files(finished_tiny, tmp_path, capsys):
+    spec, root = copy_of(finished_tiny, tmp_path / "first")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved / "faults")
+    shutil.rmtree(tmp_path / "first")  # the original is gone
+
+    store = Store(str(moved / "faults"))
+    ck = pd.read_parquet(moved / "faults" / "checkpoints.parquet")
+    assert len(ck) == 4 and all(p.startswith("checkpoints/") for p in ck.path)
+    for row in ck.itertuples():
+        path = store.resolve_rel(row.path)
+        assert path.startswith(str(moved)) and sha256_file(path) == row.sha256
+        assert sum(t.numel() for t in load_checkpoint(path).values()) == row.n_params
+    index = pd.read_parquet(moved / "faults" / "checkpoints" / ck.trial_id.iloc[0] / "index.parquet")
+    assert all(p.startswith("checkpoints/") for p in index.path)
+    # An absolute path an older version stored is read from this copy when the file is here.
+    assert store.resolve_rel(f"/gone/runs/faults/{ck.path.iloc[0]}") == store.uri(ck.path.iloc[0])
+    capsys.readouterr()
+    assert main(["status", str(moved / "faults")]) == 0
+    assert "2 trials: 2 finished" in capsys.readouterr().out
+
+
+def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_tmpdir, capsys, monkeypatch):
+    spec, root = copy_of(finished_tiny, tmp_path)
+    a, b = spec.trials()
+    untouched = file_bytes(root, b.trial_id)
+    metrics_before = pd.read_parquet(root / "metrics.parquet")
+
+    def truncate(p: Path) -> None:
+        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+    truncate(root / "trials.parquet")
+    truncate(root / "metrics" / f"{a.trial_id}.parquet")
+    truncate(root / "checkpoints.parquet")
+    (root / "metrics.parquet").unlink()
+    (root / "checkpoints" / b.trial_id / "index.parquet").unlink()
+    # A lease left by a driver that died on another host: expired, so taken over.
+    (root / "lease.json").write_text(json.dumps({"run_id": "old", "host": "gone-host", "pid": 1, "renewed_at": 0, "expires_at": 1}))
+
+    capsys.readouterr()
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "damaged: trials.parquet is unreadable" in out
+    assert f"damaged: metrics/{a.trial_id}.parquet is unreadable" in out
+    assert "damaged: metrics.parquet is missing" in out and "damaged: checkpoints.parquet is unreadable" in out
+    assert "Traceback" not in out
+
+    lines = []
+    summary = run_sweep(spec, log=lines.append)
+    text = "\n".join(lines)
+    assert "taking over the lease of run old (host gone-host" in text
+    assert f"metrics/{a.trial_id}.parquet is unreadable (cut off or damaged): set aside as metrics/{a.trial_id}.parquet.corrupt-" in text
+    assert f"checkpoints/{b.trial_id}/index.parquet: rebuilt from its 2 checkpoint files" in text
+    assert f"resuming {a.trial_id} from epoch 2" in text  # its final-epoch resume state holds every row
+    assert (summary.finished, summary.failed) == (2, 0)
+    assert len(list((root / "metrics").glob(f"{a.trial_id}.parquet.corrupt-*"))) == 1
+
+    untouched.pop(str(root / "checkpoints" / b.trial_id / "index.parquet"))
+    assert {k: v for k, v in file_bytes(root, b.trial_id).items() if not k.endswith("index.parquet")} == untouched
+    assert_one_row_per_epoch(str(root), spec)
+    after = pd.read_parquet(root / "metrics.parquet")
+    key = ["trial_id", "epoch"]
+    merged = metrics_before.merge(after, on=key, suffixes=("_before", "_after"))
+    assert len(merged) == len(metrics_before) == len(after)
+    assert (merged.wall_time_s_before == merged.wall_time_s_after).all()  # nothing finished was recomputed
+    ck = pd.read_parquet(root / "checkpoints.parquet")
+    assert len(ck) == 4 and all(sha256_file(Store(str(root)).resolve_rel(p)) == h for p, h in zip(ck.path, ck.sha256))
+    st = sweep_status(str(root))
+    assert st["counts"] == {"finished": 2} and st["problems"] == [] and st["run"] == "idle"
+    assert not (root / "lease.json").exists()
+
+
+def test_live_lease_refuses_a_second_run_before_anything_is_written(finished_tiny, tmp_path):
+    from dtsweep.store import Lease, LeaseHeld
+
+    spec, root = copy_of(finished_tiny, tmp_path)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    holder = Lease(Store(str(root)), ttl_s=5, renew_s=1, settle_s=0)
+    with holder:
+        first = json.loads((root / "lease.json").read_text())
+        with pytest.raises(LeaseHeld, match=f"is in use by run {holder.run_id}"):
+            run_sweep(spec, log=lambda *_: None)
+        time.sleep(2.5)  # the heartbeat renews it
+        assert json.loads((root / "lease.json").read_text())["expires_at"] > first["expires_at"]
+        assert sweep_status(str(root))["run"] == "running"
+    assert not (root / "lease.json").exists()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

@@ -13,7 +13,7 @@ import yaml
 from dtsweep.models import DecisionTransformer
 from dtsweep.orchestrate import run_sweep, sweep_status
 from dtsweep.spec import parse_spec
-from dtsweep.store import load_checkpoint, read_checkpoint_metadata, sha256_file
+from dtsweep.store import Store, load_checkpoint, read_checkpoint_metadata, sha256_file
 
 TINY = {
     "name": "tiny",
@@ -70,7 +70,8 @@ def test_sweep_writes_every_output(finished_sweep):
     ck = pd.read_parquet(f"{d}/checkpoints.parquet")
     assert sorted(ck.groupby("trial_id")["epoch"].apply(list).tolist()) == [[0, 2], [0, 2]]
     row = ck.iloc[0]
-    assert sha256_file(row.path) == row.sha256
+    assert row.path.startswith("checkpoints/")  # relative: the sweep directory can move
+    assert sha256_file(Store(d).resolve_rel(row.path)) == row.sha256
     assert (open(f"{d}/sweep.yaml").read().startswith("name: tiny"))
 
 
@@ -78,9 +79,10 @@ def test_checkpoint_rebuilds_the_model_offline(finished_sweep):
     spec, _ = finished_sweep
     ck = pd.read_parquet(f"{spec.sweep_dir}/checkpoints.parquet")
     row = ck[ck.epoch == 0].iloc[0]
-    meta = read_checkpoint_metadata(row.path)
+    path = Store(spec.sweep_dir).resolve_rel(row.path)
+    meta = read_checkpoint_metadata(path)
     model = DecisionTransformer.from_config_dict(meta["backbone_config"], meta["state_dim"], meta["act_dim"])
-    state = load_checkpoint(row.path)
+    state = load_checkpoint(path)
     model.load_state_dict(state)
     assert sum(v.numel() for v in state.values()) == row.n_params
 

@@ -416,7 +416,7 @@ class TrialRunner:
             "provenance": self.provenance,
         }
         stats = write_checkpoint(self.store, rel, self.model.state_dict(), meta)
-        row = {"trial_id": self.tid, "epoch": self.epoch, "path": self.store.uri(rel), **stats}
+        row = {"trial_id": self.tid, "epoch": self.epoch, "path": rel, **stats}  # relative: the sweep dir can move
         self.checkpoint_rows = [r for r in self.checkpoint_rows if r["epoch"] != self.epoch] + [row]
         self.store.write_table(
             f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA)
