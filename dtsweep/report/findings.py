@@ -270,7 +270,7 @@ def f6_block_swap(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     base = base[base["init_family"] == "random"]
     if base.empty:
         raise MissingData(f"needs init_family=random trials at context_len={k} without a swap: the block swaps' baseline")
-    arms = sweep.keys(pd.concat([swaps, base]), drop=SWAP_DROP)
+    arms = pd.concat([swaps, base])
     f.notes.append(
         f"K={k}; curve means over epochs 1..{last} (the swap runs' length). Each swapped block is its own condition "
         "and comparison, against the unswapped random condition that differs only in the swap (and in its number "
@@ -278,7 +278,7 @@ def f6_block_swap(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     )
     for value, name, claimed in (("action_error", "action error", "less"), ("normalized_score", "score", "greater")):
         per_trial = M.curve_mean(arms, value, 1, last)
-        per_trial = sweep.keys(per_trial, drop=SWAP_DROP)
+        per_trial = sweep.keys(per_trial, drop=SWAP_DROP, variant=False)
         info = arms.drop_duplicates("trial_id").set_index("trial_id")["swap_block"]
         per_trial["swap"] = per_trial["trial_id"].map(info)
         controls = per_trial[per_trial["swap"].isna()].drop_duplicates("variant")

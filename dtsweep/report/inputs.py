@@ -199,8 +199,9 @@ class Sweep:
             raise MissingData(f"diagnostics/{kind}.parquet has no rows of finished trials")
         return df
 
-    def keys(self, df: pd.DataFrame, drop: tuple[str, ...] = ()) -> pd.DataFrame:
-        """`df` (with trial_id) with `variant` and `match` recomputed leaving out `drop` too.
+    def keys(self, df: pd.DataFrame, drop: tuple[str, ...] = (), variant: bool = True) -> pd.DataFrame:
+        """`df` (with trial_id) with `match` (and `variant` unless variant=False) recomputed
+        leaving out the identity fields named in `drop` too.
 
         variant: the condition without the env (trials of one variant on different envs are
         strata of one comparison); match: the variant without the init, so conditions with the
@@ -208,9 +209,12 @@ class Sweep:
         "context_len", "swap_block") that may also differ between matched conditions.
         """
         ids = df["trial_id"].astype(str)
-        variant = {t: _key(self.identity.get(t, {}), STRATUM_FIELDS + drop) for t in ids.unique()}
         match = {t: _key(self.identity.get(t, {}), STRATUM_FIELDS + INIT_FIELDS + drop) for t in ids.unique()}
-        return df.assign(variant=ids.map(variant).to_numpy(), match=ids.map(match).to_numpy())
+        df = df.assign(match=ids.map(match).to_numpy())
+        if variant:
+            keyed = {t: _key(self.identity.get(t, {}), STRATUM_FIELDS + drop) for t in ids.unique()}
+            df = df.assign(variant=ids.map(keyed).to_numpy())
+        return df
 
 
 def _read_metrics(store: Store) -> pd.DataFrame | None:
