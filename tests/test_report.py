@@ -17,6 +17,7 @@ import pytest
 
 from dtsweep.cli import main
 from dtsweep.report import Sweep, write_report
+from dtsweep.report import tables as T
 from dtsweep.report.document import Document
 from dtsweep.report.findings import MINI, PAPER, evaluate_findings, findings_frame
 from dtsweep.report.inputs import MODALITY
@@ -310,3 +311,118 @@ def test_analysis_scripts_run(full_report, script, tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()
+
+
+def test_two_studies_differing_only_in_lr_are_two_conditions(tmp_path):
+    studies = [{"name": f"lr-{lr:g}", "init": ["random", "gpt2"], "context_len": 1, "train": {"lr": lr}}
+               for lr in (1e-4, 3e-4)]  # fmt: skip
+    root = make_sweep(tmp_path / "lr", diagnostics=False, spec=sweep_spec(studies=studies))
+    trials = pd.read_parquet(root / "trials.parquet")
+    trials["dataset_sha256"] = "a" * 64
+    trials.loc[0, "dataset_sha256"] = "b" * 64  # one seed of one condition read other bytes
+    trials.to_parquet(root / "trials.parquet")
+    md = Path(write_report(root, n_boot=50)).read_text()
+    table = pd.read_csv(root / "report" / "tables" / "final_scores.csv")
+    assert len(table) == 2 * 2 * len(ENVS) and (table["n_seeds"] == len(SEEDS)).all()  # not 10 seeds in one row
+    assert set(table["study"]) == {"lr-0.0001", "lr-0.0003"}
+    assert (table.groupby(["init", "env"])["config_key"].nunique() == 2).all()
+    # gpt2 is compared with the random of its own lr only: two comparisons, not one pooled one.
+    rows = pd.read_csv(root / "report" / "tables" / "findings.csv")
+    f5 = rows[(rows["finding"] == 5) & rows["primary"] & (rows["scope"] == "all")]
+    assert sorted(f5["conditions"]) == [f"gpt2 K=1 [{s}] vs random K=1 [{s}]" for s in ("lr-0.0001", "lr-0.0003")]
+    assert "## Warnings" in md and "read 2 different dataset files (dataset_sha256 differs)" in md
+
+
+def test_a_local_gpt2_directory_counts_as_gpt2(tmp_path):
+    local = tmp_path / "models" / "gpt2"
+    local.mkdir(parents=True)
+    studies = [{"name": f"k{k}", "init": ["random", str(local)], "context_len": k} for k in (1, 20)]
+    root = make_sweep(tmp_path / "local", swaps=False, spec=sweep_spec(studies=studies),
+                      family=lambda t: "gpt2" if t.init == str(local) else t.init)  # fmt: skip
+    sweep = Sweep.load(root)
+    findings = evaluate_findings(sweep)
+    assert {f.number: f.verdicts for f in findings if f.number != 4 and f.number != 6} == {
+        n: {PAPER: "supported"} for n in (1, 2, 3, 5, 7)
+    }
+    f1 = next(f for f in findings if f.number == 1)
+    assert any(c.label == "debiased CKA: language (gpt2) vs none (random), paper scale" for c in f1.comparisons)
+    t1 = T.paper_table1(T.per_trial_scores(sweep.metrics), n_boot=50)
+    row = t1[(t1["init"] == "gpt2") & (t1["env"] == "hopper")].iloc[0]
+    assert row["n_seeds"] == len(SEEDS) and row["sweep condition"] == f"{local} K=20 [k20]"
+
+
+def test_paper_and_mini_models_get_separate_verdicts(tmp_path):
+    root = make_sweep(tmp_path / "mini", swaps=False, inits=("random", "chibit", "igpt-mini", "gpt2", "igpt"))
+    findings = evaluate_findings(Sweep.load(root))
+    for f in findings:
+        if f.number != 6:  # no block swaps in this sweep
+            assert f.verdicts == {PAPER: "supported", MINI: "supported"}, (f.number, f.verdicts, f.missing)
+    f4 = next(f for f in findings if f.number == 4)
+    labels = {c.label: c.verdict for c in f4.comparisons if c.primary}
+    assert labels["clipped fraction: image (igpt-mini) vs language (chibit), mini scale"] == "supported"
+    assert labels["clipped fraction: image (igpt) vs language (gpt2), paper scale"] == "supported"
+    # Paper-scale and mini-scale pretrained models are never set against each other.
+    assert not [c for c in f4.comparisons if "igpt) vs language (chibit" in c.label or "igpt-mini) vs language (gpt2" in c.label]
+    md = Path(write_report(root, n_boot=50)).read_text()
+    assert "**Verdict (mini scale): supported.**" in md
+
+
+def test_report_after_fast_and_partial_diagnostics(tmp_path):
+    root = make_sweep(tmp_path / "partial", swaps=False)
+    diag = root / "diagnostics"
+    for kind in ("mine", "attention"):  # kinds not computed yet
+        (diag / f"{kind}.parquet").unlink()
+    params = pd.read_parquet(diag / "params.parquet")
+    # As `diagnose --fast` writes it: tensors missing for some trials, a tensor without a cosine.
+    some = params["trial_id"].unique()[:3]
+    params = params[~(params["trial_id"].isin(some) & params["tensor"].str.endswith("mlp.c_fc.weight"))]
+    params.loc[params["tensor"].str.endswith("ln_1.bias"), "cosine"] = np.nan
+    params.to_parquet(diag / "params.parquet")
+    cka = pd.read_parquet(diag / "cka.parquet")
+    cka[cka["seed"] < 3].to_parquet(diag / "cka.parquet")  # CKA of some trials only
+    md = Path(write_report(root, n_boot=50)).read_text()
+    figures = {p.name for p in (root / "report" / "figures").glob("*.png")}
+    assert {"params_l2.png", "params_cosine.png", "cka_layers.png"} <= figures
+    for kind in ("mine", "attention"):
+        assert f"needs diagnostics kind '{kind}'" in md
+    assert "Traceback" not in md
+    f = {f.number: f for f in evaluate_findings(Sweep.load(root))}
+    assert f[1].verdicts == {PAPER: "inconclusive"}  # 3 seeds with CKA: too few for a verdict
+    assert f[3].verdicts == {PAPER: "supported"}
+
+
+def test_unreadable_data_becomes_a_missing_line(tmp_path):
+    root = make_sweep(tmp_path / "bad", swaps=False, diagnostics=False)
+    (root / "diagnostics").mkdir()
+    # A gradients file of finished trials whose norms were written as strings: no figure or
+    # finding can use it, and the report says so instead of failing.
+    ids = pd.read_parquet(root / "trials.parquet").query("context_len == 20")["trial_id"]
+    pd.DataFrame({"trial_id": ids, "grad_norm": "big", "grad_norm_clipped": "0.25", "confusion": 0.1,
+                  "tensor": "h.0.ln_1.weight", "share": 1.0}).to_parquet(root / "diagnostics" / "gradients.parquet")  # fmt: skip
+    md = Path(write_report(root, n_boot=50)).read_text()
+    assert "figure `gradients`: could not be computed from this sweep's data (TypeError" in md
+    assert "finding 4: could not be computed from this sweep's data (TypeError" in md
+
+
+def test_zero_finished_trials_is_one_line_and_exit_0(tmp_path, capsys):
+    root = make_sweep(tmp_path / "none", diagnostics=False, swaps=False)
+    trials = pd.read_parquet(root / "trials.parquet")
+    trials.assign(status="running").to_parquet(root / "trials.parquet")
+    assert main(["report", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "no finished trial" in err
+    assert "no finished trial with metrics" in (root / "report" / "index.md").read_text()
+
+
+def test_report_on_a_file_uri_and_a_local_copy(tmp_path, capsys):
+    root = make_sweep(tmp_path / "uri", diagnostics=False, swaps=False)
+    uri = f"file://{root}"
+    assert main(["report", uri]) == 0
+    assert capsys.readouterr().out.strip() == f"{uri}/report/index.md"
+    assert (root / "report" / "tables" / "final_scores.csv").exists()
+    assert (root / "report" / "figures" / "return_curves.png").stat().st_size > 10_000
+    copy = tmp_path / "copy"
+    assert main(["report", uri, "--out", str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == str(copy / "index.md")
+    assert (copy / "figures" / "return_curves.png").exists() and (copy / "tables" / "findings.csv").exists()
+    assert (copy / "index.md").read_text().split("## Scores")[1] == (root / "report" / "index.md").read_text().split("## Scores")[1]

@@ -77,9 +77,10 @@ DIAGNOSTIC_COLUMNS: dict[str, list[str]] = {
     "attention": ["epoch", "block", "head", "distance_tokens"],
 }
 
-# What the report reads from a sweep that has bad data: the builders of figures, tables and
-# findings turn these into a "missing" line naming what failed (never a traceback).
-DATA_ERRORS = (KeyError, ValueError, IndexError, pa.ArrowException)
+# What reading a sweep's bad data raises (a column missing or of the wrong type, an empty
+# selection, an unreadable Parquet file): the builders of figures, tables and findings turn
+# these into a "missing" line naming what failed and why, never a traceback.
+DATA_ERRORS = (KeyError, ValueError, TypeError, IndexError, pa.ArrowException)
 
 
 class MissingData(Exception):
