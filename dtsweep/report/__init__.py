@@ -179,7 +179,7 @@ def write_report(sweep_dir: str | Sweep, n_boot: int = 2000, seed: int = 0, out:
         for scale in f.verdicts or {NO_DATA: NO_DATA}:
             summary.append({
                 "#": f.number, "finding (poster)": f.poster, "scale": scale if f.verdicts else "—",
-                "verdict": f.verdicts.get(scale, NO_DATA), "seeds (fewest in a group)": fewest_seeds(f, scale),
+                "verdict": f.verdicts.get(scale, NO_DATA), "seeds (fewest in a group)": _or_dash(fewest_seeds(f, scale)),
             })  # fmt: skip
     doc.table(pd.DataFrame(summary))
     doc.paragraph("Per-dataset effects of every comparison are in `tables/findings.csv` (column `scope`).")
@@ -213,6 +213,10 @@ def _trial_counts(doc: Document, scores: pd.DataFrame) -> None:
     )
     doc.paragraph(f"{len(scores)} finished trials with an evaluation:")
     doc.table(counts)
+
+
+def _or_dash(n: int | None) -> str:
+    return "—" if n is None else str(n)
 
 
 def _finding_section(doc: Document, f: Finding, figs: dict[str, tuple[str, str]]) -> None:
