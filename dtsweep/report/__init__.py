@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 
@@ -61,8 +62,9 @@ def _reason(e: Exception) -> str:
     return str(e) if isinstance(e, MissingData) else f"could not be computed from this sweep's data ({type(e).__name__}: {e})"
 
 
-def write_report(sweep_dir: str | Sweep, n_boot: int = 2000, seed: int = 0, out: str | None = None) -> str:
-    """Write the report of a sweep; returns the location of index.md (a path or a URI).
+def write_report(sweep_dir: str | Path | Sweep, n_boot: int = 2000, seed: int = 0, out: str | Path | None = None) -> Path | str:
+    """Write the report of a sweep; returns the location of index.md: a Path when the report
+    is written to a local directory, the URI string otherwise.
 
     sweep_dir: a local path or a URI that `Store` opens (s3://, gs://, file://), or a loaded
     Sweep. out: where to write instead of <sweep_dir>/report (e.g. a local copy of a remote
@@ -70,7 +72,7 @@ def write_report(sweep_dir: str | Sweep, n_boot: int = 2000, seed: int = 0, out:
     random seed (the report is deterministic for a given sweep and seed).
     """
     sweep = sweep_dir if isinstance(sweep_dir, Sweep) else Sweep.load(str(sweep_dir))
-    dest = Store(out if out is not None else join_path(sweep.root, "report"))
+    dest = Store(str(out) if out is not None else join_path(sweep.root, "report"))
     # A figure or table that cannot be made this time must not survive from an older run.
     for stale in [*dest.list("figures", ".png"), *dest.list("tables", ".csv"), *dest.list("tables", ".md")]:
         dest.delete(stale)
@@ -202,7 +204,7 @@ def write_report(sweep_dir: str | Sweep, n_boot: int = 2000, seed: int = 0, out:
 
     dest.write_bytes("index.md", doc.to_markdown().encode())
     dest.write_bytes("index.html", doc.to_html().encode())
-    return dest.uri("index.md")
+    return Path(dest.uri("index.md")) if dest.is_local else dest.uri("index.md")
 
 
 def _trial_counts(doc: Document, scores: pd.DataFrame) -> None:
