@@ -426,3 +426,12 @@ def test_report_on_a_file_uri_and_a_local_copy(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(copy / "index.md")
     assert (copy / "figures" / "return_curves.png").exists() and (copy / "tables" / "findings.csv").exists()
     assert (copy / "index.md").read_text().split("## Scores")[1] == (root / "report" / "index.md").read_text().split("## Scores")[1]
+
+
+def test_papers_random_rows_sit_beside_random_ref_when_it_ran(tmp_path):
+    root = make_sweep(tmp_path / "ref", diagnostics=False, swaps=False, inits=("random-ref", "random", "gpt2"))
+    scores = T.per_trial_scores(Sweep.load(root).metrics)
+    t1 = T.paper_table1(scores, n_boot=50)
+    rows = t1[t1["init"] == "random"]
+    assert (rows["sweep family"] == "random-ref").all() and rows["sweep condition"].str.startswith("random-ref").all()
+    assert "`random-ref` trials, the same architecture" in T.random_note(scores)

@@ -155,13 +155,15 @@ def write_report(sweep_dir: str | Path | Sweep, n_boot: int = 2000, seed: int = 
         if swaps is not None:
             doc.heading(3, "Block-swap trials, final epoch")
             doc.table(swaps)
+        random_rows = ("random rows: this sweep's random-ref" if T.random_family(scores) == T.PAPER_RANDOM
+                       else "random rows: this sweep's `random`, not the papers' 1-head ReLU model")  # fmt: skip
         for name, build, title in (
             ("takagi_table1", T.paper_table1, "Takagi Table 1 (K=20, medium datasets) beside this sweep"),
             ("takagi_table2", T.paper_table2, "Takagi Table 2 (K=1, medium datasets) beside this sweep"),
         ):
             table = build_table(name, lambda build=build: build(scores, n_boot, seed))
             if table is not None:
-                doc.heading(3, title)
+                doc.heading(3, f"{title} ({random_rows})")
                 doc.table(table)
         doc.paragraph(
             "Paper values are transcribed from Takagi (NeurIPS 2022), Tables 1-2; \"±\" as printed (the paper "
