@@ -13,6 +13,9 @@ cka = pd.read_parquet(sweep / "diagnostics" / "cka.parquet")
 cka = cka[(cka["token"] == "state") & cka["swap_block"].isna()]
 
 # Average the 9 activations of a block per trial first, then the seeds: each seed counts once.
-per_trial = cka.groupby(["init", "env", "context_len", "seed", "block"])["cka"].mean().reset_index()
-table = per_trial.pivot_table(index="block", columns=["init", "env"], values="cka", aggfunc="mean")
+# Studies stay apart (same init, different settings); debiased CKA when the file has it.
+value = "cka_debiased" if "cka_debiased" in cka.columns else "cka"
+per_trial = cka.groupby(["study", "init", "env", "context_len", "seed", "block"])[value].mean().reset_index()
+table = per_trial.pivot_table(index="block", columns=["study", "init", "env"], values=value, aggfunc="mean")
+print(f"{value}, state token")
 print(table.to_string(float_format="%.3f"))

@@ -18,17 +18,18 @@ m = pd.read_parquet(sweep / "metrics.parquet")
 finished = pd.read_parquet(sweep / "trials.parquet").query("status == 'finished'")["trial_id"]
 m = m[m["trial_id"].isin(finished) & m["swap_block"].isna() & m["normalized_score"].notna()]
 
-# One row per (init, env, K, epoch): mean and standard error across seeds.
+# One row per (study, init, env, K, epoch): mean and standard error across seeds. Studies
+# stay apart: two studies with the same init and K may differ in a training setting.
 curves = (
-    m.groupby(["init", "env", "context_len", "epoch"])["normalized_score"]
+    m.groupby(["study", "init", "env", "context_len", "epoch"])["normalized_score"]
     .agg(["mean", "sem", "count"])
     .reset_index()
 )
 envs = sorted(curves["env"].unique())
 fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.5), squeeze=False)
 for ax, env in zip(axes[0], envs):
-    for (init, k), c in curves[curves["env"] == env].groupby(["init", "context_len"]):
-        line = ax.plot(c["epoch"], c["mean"], ls="-" if k == 1 else "--", label=f"{init} K={k}")[0]
+    for (study, init, k), c in curves[curves["env"] == env].groupby(["study", "init", "context_len"]):
+        line = ax.plot(c["epoch"], c["mean"], ls="-" if k == 1 else "--", label=f"{init} K={k} [{study}]")[0]
         ax.fill_between(c["epoch"], c["mean"] - c["sem"], c["mean"] + c["sem"], color=line.get_color(), alpha=0.2)
     ax.set(title=env, xlabel="epoch", ylabel="normalised score")
     ax.legend(fontsize=7)

@@ -245,10 +245,16 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from dtsweep.report import write_report
+    from dtsweep.report import Sweep, write_report
 
     _require_sweep_dir(args.sweep_dir, "trials.parquet")
-    print(write_report(args.sweep_dir))
+    sweep = Sweep.load(args.sweep_dir)
+    index = write_report(sweep, out=args.out)
+    if sweep.metrics is None:
+        # Not an error: a sweep that has not finished a trial yet still gets its (minimal) report.
+        print(f"{args.sweep_dir}: no finished trial with metrics yet; wrote a minimal report to {index}", file=sys.stderr)
+    else:
+        print(index)
     return 0
 
 
@@ -324,7 +330,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_diagnose)
 
     q = sub.add_parser("report", help="tables, figures and the papers' findings with seed CIs -> report/")
-    q.add_argument("sweep_dir")
+    q.add_argument("sweep_dir", help="sweep directory: a local path or a URI (s3://, gs://, file://)")
+    q.add_argument("--out", help="write the report here (a local directory or URI) instead of SWEEP_DIR/report")
     q.set_defaults(func=cmd_report)
     return p
 

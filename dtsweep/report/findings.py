@@ -1,15 +1,20 @@
-"""The seven findings of Takagi's poster, each as a measurable comparison across seeds.
+"""The seven findings of Takagi's poster, each as measurable comparisons across seeds.
 
-Every comparison is oriented so that the paper's claim reads "A > B": its effect is
-mean(A) - mean(B) of a per-trial number, averaged over the envs both groups have, with a
-95% stratified bootstrap CI (seeds resampled within each group and env) and the
-probability that a run of A beats a run of B. `dtsweep.stats.verdict` turns the CI into
-supported / contradicted / inconclusive (inconclusive below 3 seeds). A finding's verdict
-combines its *primary* comparisons (`stats.combine_verdicts`); the others are context.
+What is compared is what an init *is*, not its name: a comparison sets conditions of one
+modality (`inputs.MODALITY`: language = gpt2, chibit, clip; image = igpt, igpt-mini; none =
+random, random-ref) against another. Only conditions that differ in nothing but the init are
+compared (same `match` key: the full configuration without the init, see `Sweep.keys`), and
+every such pair is its own comparison; nothing else is pooled. The families trained offline
+by dtsweep (chibit, igpt-mini) are "mini scale" and decided apart from the paper-scale ones.
+
+Each comparison is `dtsweep.stats.compare(treatment, control, claimed=...)` on one per-trial
+number, stratified by dataset (one per env). A finding has a verdict per scale: `combine`
+(Holm) over its primary comparisons at that scale; the other comparisons are context.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,27 +23,45 @@ import pandas as pd
 from dtsweep.report import measures as M
 from dtsweep.report.inputs import (
     ATTENTION_EPOCH,
+    DATA_ERRORS,
     MAIN_K,
+    MINI_FAMILIES,
+    MODALITY,
     NO_CONTEXT_K,
     MissingData,
     Sweep,
-    by_env,
+    by_stratum,
     no_swap,
     pick_context_len,
 )
-from dtsweep.stats import INCONCLUSIVE, Effect, combine_verdicts, compare_groups, verdict
+from dtsweep.stats import INCONCLUSIVE, SUPPORTED, Decision, combine, compare, holm, probability_of_improvement
 
 NO_DATA = "not measured"
+PAPER, MINI = "paper scale", "mini scale"
 
 
 @dataclass
 class Comparison:
-    label: str  # "CKA(random) - CKA(gpt2)": the claim says this is > 0
+    """One test: `treatment` against `control` conditions, claim "treatment - control `claim` 0"."""
+
+    label: str  # "CKA: language (gpt2) vs none (random), paper scale"
     primary: bool
-    effect: Effect | None = None
-    verdict: str = NO_DATA
+    spec: str  # the finding's comparison this instantiates, e.g. "CKA: language vs none"
+    scale: str | None = None
+    conditions: str = ""  # the two conditions compared, "gpt2 K=20 [study] vs random K=20 [study]"
+    claimed: str = "greater"
+    decision: Decision | None = None
+    poi: float | None = None  # P(a treatment seed beats a control seed), averaged over strata
+    p_holm: float | None = None  # Holm-adjusted p within its finding and scale (primary only)
+    part_verdict: str | None = None  # verdict on p_holm (primary only)
+    per_stratum: list[tuple[str, Decision]] = field(default_factory=list)
     missing: str | None = None
-    per_env: list[tuple[str, Effect, str]] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.decision is None:
+            return NO_DATA
+        return self.part_verdict if self.part_verdict is not None else self.decision.verdict
 
 
 @dataclass
@@ -50,43 +73,97 @@ class Finding:
     comparisons: list[Comparison] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    verdicts: dict[str, str] = field(default_factory=dict)  # scale -> combined verdict
+    primary_specs: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
-        primary = [c for c in self.comparisons if c.primary]
-        measured = [c.verdict for c in primary if c.effect is not None]
-        if not measured:
+        """"paper scale: supported; mini scale: inconclusive", or NO_DATA."""
+        if not self.verdicts:
             return NO_DATA
-        # A primary comparison without data leaves the claim partly untested.
-        return combine_verdicts(measured + ([INCONCLUSIVE] if len(measured) < len(primary) else []))
+        return "; ".join(f"{scale}: {v}" for scale, v in self.verdicts.items())
+
+
+def _scale(*families: str) -> str:
+    return MINI if any(f in MINI_FAMILIES for f in families) else PAPER
 
 
 class _Comparer:
-    """Builds Comparisons from a per-trial table with a `value` column."""
+    """Builds Comparisons of matched conditions from a per-trial table with a `value` column
+    (and measures.TRIAL_KEYS)."""
 
-    def __init__(self, n_boot: int, seed: int):
-        self.n_boot, self.seed = n_boot, seed
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
 
-    def __call__(self, label: str, per_trial: pd.DataFrame, a: dict, b: dict, primary: bool = True) -> Comparison:
-        c = Comparison(label, primary)
-        a_env, b_env = by_env(per_trial, "value", **a), by_env(per_trial, "value", **b)
-        lacking = [_describe(f) for f, d in ((a, a_env), (b, b_env)) if not d]
-        if not lacking and not set(a_env) & set(b_env):
-            lacking = [f"{_describe(a)} and {_describe(b)} on a common env"]
-        if lacking:
-            c.missing = "needs " + " and ".join(lacking)
+    def roles(
+        self, f: Finding, metric: str, per_trial: pd.DataFrame, treatment: str, control: str,
+        claimed: str, primary: bool = True, where: dict | None = None,
+    ) -> list[Comparison]:  # fmt: skip
+        """One Comparison per pair of conditions, `treatment` modality against `control`,
+        with the same `match` key (differ only in the init). Two pretrained modalities are
+        compared at the same scale only. `where`: column filters applied to both sides."""
+        spec = f"{metric}: {treatment} vs {control}"
+        if primary and spec not in f.primary_specs:
+            f.primary_specs.append(spec)
+        sel = per_trial
+        for col, val in (where or {}).items():
+            sel = sel[sel[col] == val]
+        sel = sel[sel["init_family"].map(MODALITY).notna()]
+        out = []
+        conds = sel.drop_duplicates("variant").set_index("variant")
+        for match, g in conds.groupby("match", sort=True):
+            a_side = g[g["init_family"].map(MODALITY) == treatment]
+            b_side = g[g["init_family"].map(MODALITY) == control]
+            for va, a in a_side.iterrows():
+                for vb, b in b_side.iterrows():
+                    pretrained = {treatment, control} - {"none"}
+                    if len(pretrained) == 2 and _scale(a["init_family"]) != _scale(b["init_family"]):
+                        continue
+                    scale = _scale(a["init_family"], b["init_family"])
+                    label = f"{metric}: {treatment} ({a['init_family']}) vs {control} ({b['init_family']}), {scale}"
+                    c = self.pair(label, spec, sel, {"variant": va}, {"variant": vb}, claimed, primary)
+                    c.scale, c.conditions = scale, f"{a['condition']} vs {b['condition']}"
+                    out.append(c)
+        if not out:
+            f.missing.append(
+                f"{spec}: needs {treatment}-modality and {control}-modality conditions that differ only in the init "
+                "(e.g. both inits in one study)" + (" (context only)" if not primary else "")
+            )
+        f.comparisons += out
+        return out
+
+    def pair(self, label: str, spec: str, per_trial: pd.DataFrame, a: dict, b: dict, claimed: str,
+             primary: bool) -> Comparison:  # fmt: skip
+        """Compare the rows of `per_trial` selected by filters `a` (treatment) and `b` (control)."""
+        c = Comparison(label, primary, spec, claimed=claimed)
+        a_s, b_s = by_stratum(per_trial, "value", **a), by_stratum(per_trial, "value", **b)
+        shared = sorted(set(a_s) & set(b_s))
+        if not shared:
+            c.missing = "the two conditions share no dataset"
             return c
-        c.effect = compare_groups(a_env, b_env, self.n_boot, 0.95, self.seed)
-        c.verdict = verdict(c.effect.low, c.effect.high, c.effect.n_seeds)
-        if len(c.effect.tasks) > 1:
-            for env in c.effect.tasks:
-                e = compare_groups({env: a_env[env]}, {env: b_env[env]}, self.n_boot, 0.95, self.seed)
-                c.per_env.append((env, e, verdict(e.low, e.high, e.n_seeds)))
+        a_s, b_s = {k: a_s[k] for k in shared}, {k: b_s[k] for k in shared}
+        c.decision = compare(a_s, b_s, claimed=claimed)
+        c.poi = probability_of_improvement(a_s, b_s)
+        if len(shared) > 1:
+            c.per_stratum = [(k, compare({k: a_s[k]}, {k: b_s[k]}, claimed=claimed)) for k in shared]
         return c
 
 
-def _describe(filters: dict) -> str:
-    return "trials with " + ", ".join(f"{k}={v}" for k, v in filters.items())
+def _decide(f: Finding) -> None:
+    """Per scale: Holm over the primary comparisons (stats.combine), and a scale whose finding
+    lacks one of its primary comparisons is at best inconclusive (the claim is partly untested)."""
+    scales = [s for s in (PAPER, MINI) if any(c.primary and c.decision and c.scale == s for c in f.comparisons)]
+    for scale in scales:
+        parts = [c for c in f.comparisons if c.primary and c.decision is not None and c.scale == scale]
+        verdict, per_part = combine([c.decision for c in parts])
+        for c, v, p in zip(parts, per_part, holm([c.decision.p_value for c in parts])):
+            c.part_verdict, c.p_holm = v, float(p)
+        untested = [s for s in f.primary_specs if not any(c.spec == s and c.scale == scale for c in parts)]
+        if untested:
+            f.notes.append(f"{scale}: not measured — {'; '.join(untested)}.")
+            if verdict == SUPPORTED:
+                verdict = INCONCLUSIVE
+        f.verdicts[scale] = verdict
 
 
 # ---- the findings
@@ -95,58 +172,56 @@ def _describe(filters: dict) -> str:
 def f1_representation(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     cka, k = M.runs_at(sweep.diag("cka"), MAIN_K)
     token = "state" if (cka["token"] == "state").any() else None
-    per_trial = M.trial_scalar(cka if token is None else cka[cka["token"] == token], "cka")
-    f.notes.append(f"K={k}; CKA averaged over every measured layer of the {token or 'all'} token(s).")
-    f.comparisons += [
-        cmp("mean CKA(random) - mean CKA(gpt2)", per_trial, {"init": "random"}, {"init": "gpt2"}),
-        cmp("mean CKA(random) - mean CKA(igpt)", per_trial, {"init": "random"}, {"init": "igpt"}, primary=False),
-    ]
+    sel = cka if token is None else cka[cka["token"] == token]
+    f.notes.append(
+        f"K={k}; CKA averaged over every measured layer of the {token or 'all'} token(s). The verdict uses the "
+        "debiased CKA (unbiased HSIC): plug-in CKA is biased upwards at these widths and sample sizes, and is "
+        "shown beside it as context."
+    )
+    if "cka_debiased" in sel.columns and sel["cka_debiased"].notna().any():
+        debiased = M.trial_scalar(sel[sel["cka_debiased"].notna()], "cka_debiased")
+        cmp.roles(f, "debiased CKA", debiased, "language", "none", "less")
+        cmp.roles(f, "debiased CKA", debiased, "image", "none", "less", primary=False)
+    else:
+        f.missing.append("diagnostics/cka.parquet has no cka_debiased values: rerun "
+                         f"`python -m dtsweep diagnose {sweep.root} --kinds cka`")  # fmt: skip
+    plugin = M.trial_scalar(sel, "cka")
+    cmp.roles(f, "plug-in CKA", plugin, "language", "none", "less", primary=False)
+    cmp.roles(f, "plug-in CKA", plugin, "image", "none", "less", primary=False)
 
 
 def f2_information(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     mine, k = M.runs_at(sweep.diag("mine"), MAIN_K)
     mid = M.mine_middle(mine)
-    mids = ", ".join(f"{init} block {b}" for init, b in M.middle_blocks(mine).items())
-    f.notes.append(f"K={k}; middle measured block: {mids}; mean over token positions and types.")
+    f.notes.append(f"K={k}; middle measured block of each condition; mean over token positions and types.")
     for which in ("X", "Y"):
         per_trial = M.trial_scalar(mid[mid["which"] == which], "mi_nats")
-        f.comparisons += [
-            cmp(f"I({which};T)(random) - I({which};T)(gpt2)", per_trial, {"init": "random"}, {"init": "gpt2"}),
-            cmp(f"I({which};T)(random) - I({which};T)(igpt)", per_trial, {"init": "random"}, {"init": "igpt"},
-                primary=False),  # fmt: skip
-        ]
+        cmp.roles(f, f"I({which};T)", per_trial, "language", "none", "less")
+        cmp.roles(f, f"I({which};T)", per_trial, "image", "none", "less", primary=False)
 
 
 def f3_parameters(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     params, k = M.runs_at(sweep.diag("params"), MAIN_K)
     l2, cos = M.trial_scalar(params, "l2"), M.trial_scalar(params, "cosine")
-    f.notes.append(f"K={k}; means over every transformer-block tensor.")
-    f.comparisons += [
-        cmp("mean L2(random) - mean L2(gpt2)", l2, {"init": "random"}, {"init": "gpt2"}),
-        cmp("mean cosine(gpt2) - mean cosine(random)", cos, {"init": "gpt2"}, {"init": "random"}),
-        cmp("mean L2(random) - mean L2(igpt)", l2, {"init": "random"}, {"init": "igpt"}, primary=False),
-        cmp("mean cosine(igpt) - mean cosine(random)", cos, {"init": "igpt"}, {"init": "random"}, primary=False),
-    ]
+    f.notes.append(f"K={k}; means over every measured transformer-block tensor.")
+    cmp.roles(f, "mean L2", l2, "language", "none", "less")
+    cmp.roles(f, "mean cosine", cos, "language", "none", "greater")
+    cmp.roles(f, "mean L2", l2, "image", "none", "less", primary=False)
+    cmp.roles(f, "mean cosine", cos, "image", "none", "greater", primary=False)
 
 
 def f4_gradients(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     grads, k = M.runs_at(sweep.diag("gradients"), MAIN_K)
     clipped = M.clipped_fraction(grads)
     f.notes.append(f"K={k}; epoch-1 gradients; 'clipped' is the fraction of samples whose norm clipping shortened.")
-    f.comparisons += [
-        cmp("clipped(igpt) - clipped(random)", clipped, {"init": "igpt"}, {"init": "random"}),
-        cmp("clipped(igpt) - clipped(gpt2)", clipped, {"init": "igpt"}, {"init": "gpt2"}),
-    ]
+    cmp.roles(f, "clipped fraction", clipped, "image", "none", "greater")
+    cmp.roles(f, "clipped fraction", clipped, "image", "language", "greater")
     try:
         conf = M.confusion(grads)
-        f.comparisons += [
-            cmp("confusion(random) - confusion(gpt2)", conf, {"init": "random"}, {"init": "gpt2"}, primary=False),
-            cmp("confusion(random) - confusion(igpt)", conf, {"init": "random"}, {"init": "igpt"}, primary=False),
-        ]
+        cmp.roles(f, "confusion", conf, "language", "none", "less", primary=False)
+        cmp.roles(f, "confusion", conf, "image", "none", "less", primary=False)
         ln = M.first_ln_share(grads)
-        f.comparisons += [
-            cmp("first-LN share(igpt) - first-LN share(random)", ln, {"init": "igpt"}, {"init": "random"}, primary=False),
-        ]
+        cmp.roles(f, "first-LN share", ln, "image", "none", "greater", primary=False)
     except MissingData as e:
         f.missing.append(str(e))
 
@@ -163,51 +238,64 @@ def f5_no_context(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     last = int(evaluated[evaluated["context_len"].isin(ks)].groupby("trial_id")["epoch"].max().min())
     auc = M.curve_mean(m, "normalized_score", 1, last)
     f.notes.append(f"'AUC' is the mean normalised score over epochs 1..{last} (the epochs every compared run has).")
-    f.comparisons.append(
-        cmp(f"AUC K={NO_CONTEXT_K}: gpt2 - random", auc, {"init": "gpt2", "context_len": NO_CONTEXT_K},
-            {"init": "random", "context_len": NO_CONTEXT_K})  # fmt: skip
-    )
+    cmp.roles(f, f"AUC K={NO_CONTEXT_K}", auc, "language", "none", "greater", where={"context_len": NO_CONTEXT_K})
     if k_main is None:
-        f.comparisons.append(Comparison("slowdown(random) - slowdown(gpt2)", True, missing=f"needs K={MAIN_K} trials"))
+        f.missing.append(f"slowdown: needs K={MAIN_K} trials")
+        f.primary_specs.append("slowdown: none vs language")
         return
-    # Slowdown from removing context, per (init, env, seed): AUC at K_main - AUC at K=1.
-    wide = auc.pivot_table(index=["init", "env", "seed"], columns="context_len", values="value")
+    # Slowdown from removing context, per (condition without K, dataset, seed): AUC at K_main
+    # minus AUC at K=1 of two trials that differ only in K.
+    auc = sweep.keys(auc[auc["context_len"].isin([NO_CONTEXT_K, k_main])], drop=("context_len",))
+    wide = auc.pivot_table(index=["variant", "dataset", "seed"], columns="context_len", values="value")
     if NO_CONTEXT_K in wide and k_main in wide:
         slow = (wide[k_main] - wide[NO_CONTEXT_K]).dropna().rename("value").reset_index()
     else:
-        slow = pd.DataFrame(columns=["init", "env", "seed", "value"])
-    f.notes.append(f"'slowdown' is AUC(K={k_main}) - AUC(K={NO_CONTEXT_K}) of the same init, env and seed.")
-    f.comparisons.append(cmp("slowdown(random) - slowdown(gpt2)", slow, {"init": "random"}, {"init": "gpt2"}))
+        slow = pd.DataFrame(columns=["variant", "dataset", "seed", "value"])
+    info = auc.drop_duplicates("variant").set_index("variant")[["match", "init_family", "init"]]
+    slow = slow.join(info, on="variant")
+    slow["condition"] = slow["init"].astype(str) + f" K={k_main} minus K={NO_CONTEXT_K}"
+    f.notes.append(f"'slowdown' is AUC(K={k_main}) - AUC(K={NO_CONTEXT_K}) of the same seed in two conditions that "
+                   "differ only in K.")  # fmt: skip
+    if not sweep.from_config:
+        f.notes.append("without config_json the K=1 and K=20 conditions can only be matched within one study.")
+    cmp.roles(f, "slowdown", slow, "none", "language", "greater")
+
+
+SWAP_DROP = ("swap_block", "swap_from", "train.epochs")
 
 
 def f6_block_swap(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     swaps, base, k = M.swap_runs(sweep.require_metrics())
     last = int(swaps["epoch"].max())
-    base = base[base["init"] == "random"]
+    base = base[base["init_family"] == "random"]
     if base.empty:
-        raise MissingData(f"needs init=random trials at context_len={k} without a swap: the block swaps' baseline")
-    arms = pd.concat([
-        swaps.assign(arm="swap", block=swaps["swap_block"].astype(int)),
-        base.assign(arm="random", block=-1),
-    ])  # fmt: skip
+        raise MissingData(f"needs init_family=random trials at context_len={k} without a swap: the block swaps' baseline")
+    arms = pd.concat([swaps, base])
     f.notes.append(
-        f"K={k}; curve means over epochs 1..{last} (the swap runs' length); "
-        "'any swap' pools the trials of every swapped block, each one a run."
+        f"K={k}; curve means over epochs 1..{last} (the swap runs' length). Each swapped block is its own condition "
+        "and comparison, against the unswapped random condition that differs only in the swap (and in its number "
+        "of epochs; only the first epochs are compared)."
     )
-    for value, name, better in (("action_error", "action error", "lower"), ("normalized_score", "score", "higher")):
-        per_trial = M.curve_mean(arms, value, 1, last).merge(
-            arms.drop_duplicates("trial_id")[["trial_id", "arm", "block"]], on="trial_id"
-        )
-        swap, rand = {"arm": "swap"}, {"arm": "random"}
-        if better == "lower":
-            f.comparisons.append(cmp(f"{name}(random) - {name}(any swap)", per_trial, rand, swap))
-        else:
-            f.comparisons.append(cmp(f"{name}(any swap) - {name}(random)", per_trial, swap, rand))
-        for b in sorted(swaps["swap_block"].astype(int).unique()):
-            one = {"arm": "swap", "block": b}
-            a_, b_ = (rand, one) if better == "lower" else (one, rand)
-            label = f"{name}(random) - {name}(block {b})" if better == "lower" else f"{name}(block {b}) - {name}(random)"
-            f.comparisons.append(cmp(label, per_trial, a_, b_, primary=False))
+    for value, name, claimed in (("action_error", "action error", "less"), ("normalized_score", "score", "greater")):
+        per_trial = M.curve_mean(arms, value, 1, last)
+        per_trial = sweep.keys(per_trial, drop=SWAP_DROP, variant=False)
+        info = arms.drop_duplicates("trial_id").set_index("trial_id")["swap_block"]
+        per_trial["swap"] = per_trial["trial_id"].map(info)
+        controls = per_trial[per_trial["swap"].isna()].drop_duplicates("variant")
+        treated = per_trial[per_trial["swap"].notna()].drop_duplicates("variant")
+        spec = f"{name}: block swap vs random"
+        if spec not in f.primary_specs:
+            f.primary_specs.append(spec)
+        for _, t in treated.sort_values("swap").iterrows():
+            source = json.loads(sweep.identity.get(t["trial_id"], {}).get("swap_from", "null") or "null")
+            for _, c in controls[controls["match"] == t["match"]].iterrows():
+                scale = _scale(str(source))
+                label = f"{name}: random with block {int(t['swap'])} of {source or 'a pretrained model'} vs random, {scale}"
+                comp = cmp.pair(label, spec, per_trial, {"variant": t["variant"]}, {"variant": c["variant"]}, claimed, True)
+                comp.scale, comp.conditions = scale, f"{t['condition']} vs {c['condition']}"
+                f.comparisons.append(comp)
+    if not any(c.spec.endswith("block swap vs random") for c in f.comparisons):
+        f.missing.append("needs unswapped random trials that differ from the swap trials only in the swap")
 
 
 def f7_attention(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
@@ -215,47 +303,43 @@ def f7_attention(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     gaps, epoch = M.attention_gaps(att, ATTENTION_EPOCH)
     per_trial = M.trial_scalar(gaps, "gap")
     f.notes.append(f"K={k}; gap |d(epoch {epoch}) - d(epoch 0)| of the head-mean attention distance, mean over blocks.")
-    f.comparisons += [
-        cmp("gap(random) - gap(gpt2)", per_trial, {"init": "random"}, {"init": "gpt2"}),
-        cmp("gap(random) - gap(igpt)", per_trial, {"init": "random"}, {"init": "igpt"}, primary=False),
-    ]
+    cmp.roles(f, "attention gap", per_trial, "language", "none", "less")
+    cmp.roles(f, "attention gap", per_trial, "image", "none", "less", primary=False)
     per_block = gaps.rename(columns={"gap": "value"})
-    shared = set(gaps.loc[gaps["init"] == "random", "block"]) & set(gaps.loc[gaps["init"] == "gpt2", "block"])
-    for b in sorted(shared):
-        f.comparisons.append(
-            cmp(f"block {b}: gap(random) - gap(gpt2)", per_block, {"init": "random", "block": b},
-                {"init": "gpt2", "block": b}, primary=False)  # fmt: skip
-        )
+    for b in sorted(per_block["block"].unique()):
+        cmp.roles(f, f"block {b} attention gap", per_block, "language", "none", "less", primary=False, where={"block": b})
+    f.missing[:] = [m for m in f.missing if not m.startswith("block ")]  # per-block context: absence said once above
 
 
 FINDINGS: list[tuple[int, str, str, list[str], Callable]] = [
     (1, "Feature reuse may not be the cause: pre-trained models changed their representations more.",
-     "The CKA between epoch 0 and the final epoch (K=20, state token, mean over layers) is lower for gpt2 "
-     "than for random, i.e. CKA(random) - CKA(gpt2) > 0.", ["cka_layers"], f1_representation),
+     "The debiased CKA between epoch 0 and the final epoch (K=20, state token, mean over layers) is lower for a "
+     "language-pretrained init than for a random one with the same settings.", ["cka_layers"], f1_representation),
     (2, "Better fitting to data may not be the cause: pre-trained models contain less information of data.",
-     "MINE estimates at the middle block (mean over token positions) are lower for gpt2 than for random, "
-     "for both I(X;T) and I(Y;T).", ["mine_positions"], f2_information),
+     "MINE estimates at the middle block (mean over token positions) are lower for a language-pretrained init than "
+     "for random, for both I(X;T) and I(Y;T).", ["mine_positions"], f2_information),
     (3, "Some unchanged parameters may be the cause: pre-trained models don't change parameters so much.",
      "Per-tensor L2 distance between epoch 0 and the final epoch is smaller, and cosine similarity larger, "
-     "for gpt2 than for random.", ["params_l2", "params_cosine"], f3_parameters),
+     "for a language-pretrained init than for random.", ["params_l2", "params_cosine"], f3_parameters),
     (4, "Large gradient with gradient clipping may degrade the performance: iGPT's gradient norms collapse by clipping.",
-     "At epoch 1 a larger fraction of iGPT's per-sample gradients is clipped at 0.25 than of random's and "
-     "of gpt2's.", ["gradients", "gradient_share"], f4_gradients),
+     "At epoch 1 a larger fraction of an image-pretrained init's per-sample gradients is clipped at 0.25 than of "
+     "random's and of a language-pretrained init's.", ["gradients", "gradient_share"], f4_gradients),
     (5, "Pre-trained models learn efficiently even without context.",
-     "With K=1, gpt2's normalised score averaged over epochs is higher than random's; and removing the "
-     "context (K=20 -> K=1) costs random more than gpt2.", ["return_curves"], f5_no_context),
+     "With K=1, a language-pretrained init's normalised score averaged over epochs is higher than random's; and "
+     "removing the context (K=20 -> K=1) costs random more than it.", ["return_curves"], f5_no_context),
     (6, "Even a single pre-trained block improves training efficiency.",
-     "K=1 random models with one GPT-2 block have a lower mean action error and a higher mean score over "
-     "the first epochs than random models without one.", ["block_swap"], f6_block_swap),
+     "K=1 random models with one pretrained block have a lower mean action error and a higher mean score over "
+     "the first epochs than random models without one, for every swapped block.", ["block_swap"], f6_block_swap),
     (7, "A pre-acquired way to use context is a cause of the success.",
-     "The attention-distance gap between epoch 0 and epoch 4 (K=1, mean over blocks) is smaller for gpt2 "
-     "than for random.", ["attention_gap"], f7_attention),
+     "The attention-distance gap between epoch 0 and epoch 4 (K=1, mean over blocks) is smaller for a "
+     "language-pretrained init than for random.", ["attention_gap"], f7_attention),
 ]  # fmt: skip
 
 
-def evaluate_findings(sweep: Sweep, n_boot: int = 2000, seed: int = 0) -> list[Finding]:
-    """All seven findings; one whose data is missing carries the reason in `missing`."""
-    cmp = _Comparer(n_boot, seed)
+def evaluate_findings(sweep: Sweep) -> list[Finding]:
+    """All seven findings; one whose data is missing or unreadable carries the reason in
+    `missing` (never raises on bad data)."""
+    cmp = _Comparer(sweep)
     out = []
     for number, poster, claim, figures, build in FINDINGS:
         f = Finding(number, poster, claim, figures)
@@ -263,25 +347,47 @@ def evaluate_findings(sweep: Sweep, n_boot: int = 2000, seed: int = 0) -> list[F
             build(sweep, cmp, f)
         except MissingData as e:
             f.missing.append(str(e))
+        except DATA_ERRORS as e:
+            f.missing.append(f"could not be computed from this sweep's data ({type(e).__name__}: {e})")
         f.missing += [f"{c.label}: {c.missing}" for c in f.comparisons if c.missing and c.primary]
+        _decide(f)
         out.append(f)
     return out
 
 
+FINDINGS_COLUMNS = [
+    "finding", "scale", "comparison", "conditions", "primary", "scope", "claim", "effect", "ci_low", "ci_high",
+    "p_value", "p_holm", "test", "n_treatment", "n_control", "prob_improvement", "verdict",
+]  # fmt: skip
+
+
 def findings_frame(findings: list[Finding]) -> pd.DataFrame:
-    """One row per (finding, comparison, scope): scope 'all envs' or one env. For findings.csv."""
+    """One row per (finding, comparison, scope) for findings.csv: scope "all" (the comparison,
+    stratified by dataset) or one dataset. effect = mean(treatment) - mean(control) with its
+    95% CI (Welch); claim "> 0" or "< 0"; p_holm and verdict of a primary comparison are
+    Holm-corrected within its finding and scale; per-dataset rows are uncorrected context."""
     rows = []
     for f in findings:
         for c in f.comparisons:
-            scopes = ([("all envs", c.effect, c.verdict)] if c.effect else []) + c.per_env
-            for scope, e, v in scopes:
-                rows.append({
-                    "finding": f.number, "comparison": c.label, "primary": c.primary, "scope": scope,
-                    "effect": e.point, "ci_low": e.low, "ci_high": e.high, "prob_improvement": e.poi,
-                    "n_seeds_a": e.n_a, "n_seeds_b": e.n_b, "verdict": v,
+            base = {"finding": f.number, "scale": c.scale, "comparison": c.label, "conditions": c.conditions,
+                    "primary": c.primary, "claim": "> 0" if c.claimed == "greater" else "< 0"}  # fmt: skip
+            if c.decision is None:
+                rows.append(base | {"scope": "all", "verdict": NO_DATA})
+                continue
+            scopes = [("all", c.decision, c.p_holm, c.verdict, c.poi)]
+            scopes += [(k, d, None, d.verdict, None) for k, d in c.per_stratum]
+            for scope, d, p_holm, verdict, poi in scopes:
+                rows.append(base | {
+                    "scope": scope, "effect": d.effect, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                    "p_value": d.p_value, "p_holm": p_holm, "test": d.test, "n_treatment": d.n_treatment,
+                    "n_control": d.n_control, "prob_improvement": poi, "verdict": verdict,
                 })  # fmt: skip
-            if c.effect is None:
-                rows.append({"finding": f.number, "comparison": c.label, "primary": c.primary,
-                             "scope": "all envs", "verdict": NO_DATA})  # fmt: skip
-    return pd.DataFrame(rows, columns=["finding", "comparison", "primary", "scope", "effect", "ci_low", "ci_high",
-                                       "prob_improvement", "n_seeds_a", "n_seeds_b", "verdict"])  # fmt: skip
+    return pd.DataFrame(rows, columns=FINDINGS_COLUMNS)
+
+
+def fewest_seeds(f: Finding, scale: str) -> int | None:
+    n = [min(c.decision.n_treatment, c.decision.n_control) for c in f.comparisons
+         if c.primary and c.decision is not None and c.scale == scale]  # fmt: skip
+    return min(n) if n else None
+
+

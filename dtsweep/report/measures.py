@@ -14,7 +14,12 @@ import pandas as pd
 
 from dtsweep.report.inputs import ATTENTION_EPOCH, MissingData, no_swap, pick_context_len
 
-TRIAL_KEYS = ["trial_id", "init", "env", "context_len", "seed"]
+# What identifies a trial and its condition (inputs.CONDITION_COLUMNS): every per-trial table
+# carries them, so figures and findings group by condition, never by init name.
+TRIAL_KEYS = [
+    "trial_id", "study", "init", "init_family", "env", "dataset", "context_len", "swap_block", "seed",
+    "config_key", "condition", "variant", "match",
+]  # fmt: skip
 
 # Order of the 9 internal activations inside a GPT-2 block (DESIGN §4), for the CKA x-axis.
 BLOCK_LAYERS = [
@@ -70,11 +75,12 @@ def layer_order(layers: pd.Series) -> list[str]:
     return sorted(layers.unique(), key=key)
 
 
-def cka_matrix(cka: pd.DataFrame, init: str, env: str, token: str) -> tuple[np.ndarray, np.ndarray]:
-    """CKA per layer of one (init, env, token): ([n_seeds, n_layers], seeds) in layer order."""
-    sel = cka[(cka["init"] == init) & (cka["env"] == env) & (cka["token"] == token)]
-    wide = sel.pivot_table(index="seed", columns="layer", values="cka", aggfunc="mean")
-    wide = wide[layer_order(sel["layer"])].dropna(axis=1)
+def cka_matrix(cka: pd.DataFrame, condition: str, dataset: str, token: str, value: str = "cka") -> tuple[np.ndarray, np.ndarray]:
+    """CKA per layer of one (condition, dataset, token): ([n_seeds, n_layers], seeds) in layer
+    order; layers some seed lacks are left out."""
+    sel = cka[(cka["condition"] == condition) & (cka["dataset"] == dataset) & (cka["token"] == token)]
+    wide = sel.pivot_table(index="seed", columns="layer", values=value, aggfunc="mean")
+    wide = wide.reindex(columns=layer_order(sel["layer"])).dropna(axis=1)
     return wide.to_numpy(float), wide.index.to_numpy()
 
 
@@ -96,18 +102,18 @@ def to_reference_layers(m: np.ndarray, n_ref: int) -> tuple[np.ndarray, np.ndarr
 
 
 def middle_blocks(mine: pd.DataFrame) -> dict[str, int]:
-    """The middle of the blocks MINE was measured at, per init (they differ with depth)."""
+    """The middle of the blocks MINE was measured at, per condition (depth differs by init)."""
     out = {}
-    for init, g in mine.groupby("init"):
+    for cond, g in mine.groupby("condition"):
         blocks = sorted(int(b) for b in g["block"].unique())
-        out[str(init)] = blocks[len(blocks) // 2]
+        out[str(cond)] = blocks[len(blocks) // 2]
     return out
 
 
 def mine_middle(mine: pd.DataFrame) -> pd.DataFrame:
-    """MINE rows at each init's middle measured block."""
+    """MINE rows at each condition's middle measured block."""
     mids = middle_blocks(mine)
-    return mine[mine["block"] == mine["init"].map(mids)]
+    return mine[mine["block"] == mine["condition"].map(mids)]
 
 
 # ---- gradients (one file, three row types: see inputs.DIAGNOSTIC_COLUMNS)
