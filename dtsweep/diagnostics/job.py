@@ -468,7 +468,8 @@ def plan(sweep_dir: str, kinds: Iterable[str] = KINDS) -> Plan:
     for row in trials.itertuples():
         trial = Trial.from_dict(json.loads(row.config_json))
         own = index[index.trial_id == row.trial_id]
-        saved = {int(e): p for e, p in zip(own.epoch, own.path)}
+        # Stored paths are relative to the sweep directory (older sweeps: absolute).
+        saved = {int(e): store.resolve_rel(p) for e, p in zip(own.epoch, own.path)}
         for kind in kinds:
             if row.status != "finished":
                 skipped.append((row.trial_id, kind, f"trial is {row.status}"))
