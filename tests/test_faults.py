@@ -472,10 +472,14 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     assert not (root / "lease.json").exists()
 
 
-def test_live_lease_refuses_a_second_run_before_anything_is_written(finished_tiny, tmp_path):
+def test_live_lease_refuses_a_second_run_before_anything_is_written(tmp_path):
+    from dtsweep.spec import resolved_yaml
     from dtsweep.store import Lease, LeaseHeld
 
-    spec, root = copy_of(finished_tiny, tmp_path)
+    spec = parse_spec(tiny_sweep(tmp_path, [{"name": "main", "init": "random", "seed": [0]}]))
+    root = Path(spec.sweep_dir)
+    root.mkdir()
+    (root / "sweep.yaml").write_text(resolved_yaml(spec))  # what a first run writes before training
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     holder = Lease(Store(str(root)), ttl_s=5, renew_s=1, settle_s=0)
     with holder:
