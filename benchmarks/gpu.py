@@ -48,6 +48,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from queue import Empty
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -87,10 +88,17 @@ PEAK_TFLOPS = {
 }
 
 # (name, precision, compile): what "train" measures, in this order.
-TRAIN_VARIANTS = [("fp32", "fp32", False), ("tf32", "tf32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)]
+TRAIN_VARIANTS = [
+    ("fp32", "fp32", False),
+    ("tf32", "tf32", False),
+    ("bf16", "bf16", False),
+    ("bf16+compile", "bf16", True),
+]
 
 
-def make_trial(model: dict, *, steps: int, batch: int, context_len: int, precision: str, compile_: bool, data_steps: int) -> Trial:
+def make_trial(
+    model: dict, *, steps: int, batch: int, context_len: int, precision: str, compile_: bool, data_steps: int
+) -> Trial:
     """A one-epoch trial of the paper's hyperparameters on `model`, `steps` steps per epoch."""
     return Trial(
         study="gpu-bench",
@@ -207,8 +215,9 @@ def bench_eval(args, device: torch.device) -> dict:
     """Episodes/s: dtsweep's batched `evaluate_episodes` vs one episode at a time (reference)."""
     info = ENVS[ENV]
     model = build_decision_transformer(
-        "random", state_dim=info.obs_dim, act_dim=info.act_dim, seed=0, context_len=args.context_len, overrides=args.model
-    )
+        "random", state_dim=info.obs_dim, act_dim=info.act_dim, seed=0, context_len=args.context_len,
+        overrides=args.model,
+    )  # fmt: skip
     use_fused_gelu(model)  # as TrialRunner builds it
     model.to(device)
     ref_model = as_released(model).to(device)
@@ -275,13 +284,22 @@ def _run_pack(args, device: torch.device, n: int, tmp: str) -> dict:
     procs = [ctx.Process(target=_pack_worker, args=(a, device.type, barrier, queue)) for _ in range(n)]
     for p in procs:
         p.start()
+    times = []
     try:
-        times = [queue.get(timeout=args.pack_timeout) for _ in range(n)]
+        for _ in range(n):
+            times.append(queue.get(timeout=args.pack_timeout))
+    except Empty:
+        pass  # a worker died or hung: reported below with the exit codes
     finally:
         for p in procs:
             p.join(timeout=60)
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a packing worker failed: exit codes {[p.exitcode for p in procs]}")
+            if p.is_alive():
+                p.kill()
+    if len(times) < n or any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(
+            f"packing: {len(times)} of {n} workers reported within {args.pack_timeout} s; "
+            f"exit codes {[p.exitcode for p in procs]}"
+        )
     span = max(t["end"] for t in times) - min(t["start"] for t in times)
     return {
         "per_trial_steps_per_s": [t["steps"] / (t["end"] - t["start"]) for t in times],
@@ -293,21 +311,24 @@ def bench_packing(args, device: torch.device, tmp: str) -> dict:
     alone = _run_pack(args, device, 1, tmp)
     two = _run_pack(args, device, 2, tmp)
     gain = two["aggregate_steps_per_s"] / alone["aggregate_steps_per_s"]
-    print(f"[packing] alone {alone['aggregate_steps_per_s']:.3g}, two {two['aggregate_steps_per_s']:.3g} steps/s", flush=True)
+    print(f"[packing] alone {alone['aggregate_steps_per_s']:.3g}, two {two['aggregate_steps_per_s']:.3g} steps/s")
     return {"precision": args.pack_precision, "alone": alone, "two_on_one_device": two, "aggregate_gain": gain}
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU-hours per trial: a model, until gpu.py's measurements replace its assumptions
 
-# Every figure below is an ASSUMPTION (a) or a CPU MEASUREMENT (m: benchmarks/results/cpu-2core.json).
-MODEL_GPUS = {  # dense datasheet TFLOP/s (fp32 CUDA cores, bf16 tensor cores); assumed bf16 MFU
-    "A10G": (31.2, 125.0, 0.25),
-    "L4": (30.3, 121.0, 0.25),
-    "A100": (19.5, 312.0, 0.25),
-    "H100": (66.9, 989.4, 0.15),  # (a) faster tensor cores: elementwise ops and launches dominate more
+# Every figure below is an ASSUMPTION (a) or a CPU MEASUREMENT (m: benchmarks/results/cpu-2core.json);
+# the peaks are PEAK_TFLOPS's datasheet figures.
+MODEL_BF16_MFU = {  # (a) share of the bf16 tensor-core peak under bf16 autocast
+    "A10G": 0.25,
+    "L4": 0.25,
+    "A100": 0.25,
+    "H100": 0.15,  # faster tensor cores: elementwise ops and launches take a larger share
 }
-MFU_FP32 = 0.45  # (a) fp32 GEMMs of 3840 × 768 × 3072 reach most of the CUDA-core peak; LN, softmax, dropout, AdamW do not
+# (a) fp32 GEMMs of 3840 × 768 × 3072 reach most of the CUDA-core peak; LayerNorm, softmax,
+# dropout and AdamW do not.
+MFU_FP32 = 0.45
 LAUNCH_TRAIN_S = 6e-3  # (a) host time to launch an eager GPT-2 forward + backward + AdamW step (~600 kernels)
 LAUNCH_FWD_S = 2e-3  # (a) host time to launch one eager GPT-2 forward (~200 kernels)
 SAMPLER_S = 0.09e-3  # (m) dtsweep's WindowSampler batch (1.1e4 batches per CPU s)
@@ -340,9 +361,10 @@ def cost_model(
     f_window = t * (2 * n + 4 * n_layer * d * t)  # one window's forward
     train_steps, eval_steps = epochs * steps, epochs * targets * episode_steps
     rows = {}
-    for gpu, (fp32_peak, bf16_peak, bf16_mfu) in MODEL_GPUS.items():
+    for gpu, bf16_mfu in MODEL_BF16_MFU.items():
+        peak = PEAK_TFLOPS[gpu]
         row = {}
-        for label, flops_s in (("fp32", MFU_FP32 * fp32_peak * 1e12), ("bf16", bf16_mfu * bf16_peak * 1e12)):
+        for label, flops_s in (("fp32", MFU_FP32 * peak["fp32"] * 1e12), ("bf16", bf16_mfu * peak["bf16"] * 1e12)):
             c = f_train / flops_s
             fwd1 = f_window / flops_s
             ours_train = train_steps * max(c, LAUNCH_TRAIN_S + SAMPLER_S)
@@ -366,7 +388,8 @@ def cost_model(
 def cost_model_table(model: dict) -> str:
     """Markdown of `cost_model()`: hours per trial (training + evaluation), every cell modelled."""
     lines = [
-        "| GPU (modelled) | reference protocol, fp32 | dtsweep fp32 | dtsweep bf16 | ratio fp32 | ratio ref fp32 / dtsweep bf16 |",
+        "| GPU (modelled) | reference protocol, fp32 | dtsweep fp32 | dtsweep bf16 | ratio fp32 "
+        "| ratio ref fp32 / dtsweep bf16 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
 
@@ -440,23 +463,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cost-model", action="store_true", help="print the modelled GPU-hours table and exit")
     p.add_argument("--update-readme", action="store_true", help=f"rewrite the table between {MARK_START} markers")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU when the device has no datasheet entry")
-    p.add_argument("--steps", type=int, default=100, help="timed training steps per variant (after an untimed epoch of as many)")
-    p.add_argument("--eval-episodes", type=int, default=100)
-    p.add_argument("--ref-episodes", type=int, default=5, help="episodes of the one-at-a-time reference")
-    p.add_argument("--eval-steps", type=int, default=200, help="episode length cap (the protocol's is 1000)")
+    # Defaults: GPU run / --smoke (given values win in both).
+    p.add_argument("--steps", type=int, help="timed training steps per variant, after an untimed epoch of as many (100 / 3)")
+    p.add_argument("--eval-episodes", type=int, help="episodes of the batched evaluation (100 / 4)")
+    p.add_argument("--ref-episodes", type=int, help="episodes of the one-at-a-time reference (5 / 2)")
+    p.add_argument("--eval-steps", type=int, help="episode length cap; the protocol's is 1000 (200 / 8)")
     p.add_argument("--pack-precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     p.add_argument("--pack-timeout", type=float, default=300.0, help="seconds to wait for a packing worker")
-    p.add_argument("--data-steps", type=int, default=20_000, help="env steps of the generated dataset")
+    p.add_argument("--data-steps", type=int, help="env steps of the generated dataset (20000 / 3000)")
     args = p.parse_args(argv)
     if args.out is None and not args.cost_model:
         p.error("--out is required")
     if args.smoke and args.update_readme:
         p.error("--update-readme takes GPU figures only, not --smoke ones")
-    args.model, args.batch, args.context_len = dict(GPT2_SIZE), 64, 20
     if args.smoke:
         args.model, args.batch, args.context_len = dict(TINY), 8, 5
-        args.steps, args.eval_episodes, args.ref_episodes, args.eval_steps = 3, 4, 2, 8
-        args.data_steps = 3000
+        defaults = {"steps": 3, "eval_episodes": 4, "ref_episodes": 2, "eval_steps": 8, "data_steps": 3000}
+    else:
+        args.model, args.batch, args.context_len = dict(GPT2_SIZE), 64, 20
+        defaults = {"steps": 100, "eval_episodes": 100, "ref_episodes": 5, "eval_steps": 200, "data_steps": 20_000}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -494,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         "block_params": n_block,
         "batch": args.batch,
         "context_len": args.context_len,
-        "flop_formula": "batch · T · (6 · N + 12 · n_layer · n_embd · T), T = 3K tokens per window, N = block params",
-        "flops_per_step": flops_per_step(n_block, args.model["n_layer"], args.model["n_embd"], args.batch, args.context_len),
+        "flop_formula": "batch · T · (6 · N + 12 · n_layer · n_embd · T), T = 3K tokens a window, N = block params",
+        "flops_per_step": flops_per_step(
+            n_block, args.model["n_layer"], args.model["n_embd"], args.batch, args.context_len
+        ),
         "peak_tflops": peak_for(name, args.peak_tflops)[0],
         "peak_source": peak_for(name, args.peak_tflops)[1],
     }
