@@ -69,7 +69,7 @@ def train_trial(config: dict) -> None:
         checkpoint = tune.Checkpoint(config["resume_from"])  # left by an earlier driver
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            runner.load_resume_state(torch.load(Path(d) / RESUME_FILE, weights_only=True))
+            runner.load_resume_state(torch.load(Path(d) / RESUME_FILE, weights_only=True, map_location="cpu"))
 
     def report(row: dict, r: TrialRunner) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}

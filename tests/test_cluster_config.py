@@ -1,9 +1,13 @@
 """cluster.yaml: accepted by Ray's own cluster-config validation (offline) and fit for a sweep."""
 
 import copy
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,5 +74,53 @@ def test_dashboard_not_exposed_and_no_secrets(config):
 
 def test_nodes_install_this_checkout(config):
     assert config["file_mounts"] == {"~/dtsweep": "."}
-    assert any("scripts/install.sh" in c for c in config["setup_commands"])
     assert (ROOT / "scripts" / "install.sh").is_file()
+    # The head runs no trials: CPU torch although its AMI has nvidia-smi; workers the CUDA stack.
+    assert config["head_setup_commands"] == ["bash ~/dtsweep/scripts/install.sh --cpu"]
+    assert config["worker_setup_commands"] == ["bash ~/dtsweep/scripts/install.sh --gpu"]
+    assert not any("install.sh" in c for c in config["setup_commands"])  # would run on both
+
+
+def test_nodes_run_python_3_11_with_the_tested_pins(config):
+    import ray
+    import transformers
+
+    setup = config["setup_commands"]
+    assert any("apt-get install" in c and "python3.11-venv" in c for c in setup)
+    assert any("python3.11 -m venv ~/venv" in c for c in setup)
+    assert not any(re.search(r"\bpython3 -m venv", c) for c in setup)  # the AMI's Python 3.10
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints" / "gpu.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )  # fmt: skip
+    # The pins are the versions this suite runs with (torch's local "+cpu" label aside).
+    assert pins["torch"] == torch.__version__.split("+")[0]
+    assert pins["transformers"] == transformers.__version__
+    assert pins["ray"] == ray.__version__
+    # The Ray that setup_commands installs is the pinned one (launcher and cluster must match).
+    (ray_cmd,) = [c for c in setup if "ray[default]==" in c]
+    assert f'"ray[default]=={pins["ray"]}"' in ray_cmd
+
+
+@pytest.mark.parametrize(
+    "args,env,constraints",
+    [(["--cpu"], {}, "cpu"), (["--gpu"], {}, "gpu"), ([], {"DTSWEEP_TORCH": "cpu"}, "cpu"),
+     ([], {"DTSWEEP_TORCH": "gpu"}, "gpu"), (["--gpu", "--cpu"], {}, "cpu")],
+)  # fmt: skip
+def test_install_script_picks_the_constraints(args, env, constraints):
+    proc = subprocess.run(
+        ["bash", "scripts/install.sh", "--dry-run", *args], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    pip_lines = [line for line in proc.stdout.splitlines() if "pip install" in line]
+    assert pip_lines and all(f"-c constraints/{constraints}.txt" in line for line in pip_lines)
+    assert any(line.endswith("-e .") for line in pip_lines)
+
+
+def test_install_script_refuses_unknown_choices():
+    for args, env in ((["--cuda"], {}), ([], {"DTSWEEP_TORCH": "cuda"})):
+        proc = subprocess.run(
+            ["bash", "scripts/install.sh", "--dry-run", *args], cwd=ROOT, env={**os.environ, **env},
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "install.sh:" in proc.stderr

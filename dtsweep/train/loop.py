@@ -24,7 +24,7 @@ import importlib.metadata
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -133,14 +133,53 @@ def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision the device cannot run, rather than silently running another one.
 
     fp32: plain float32. tf32: float32 weights, matmuls on TF32 tensor cores (CUDA only).
-    bf16: float32 weights, forward under bf16 autocast (CUDA with bf16 support, or CPU).
+    bf16: float32 weights, forward under bf16 autocast: on CPU, or on a CUDA GPU of compute
+    capability 8.0 or later (Ampere on). Older GPUs (V100, T4: 7.x) only emulate bfloat16,
+    which `torch.cuda.is_bf16_supported()` accepts by default but runs slower than fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"train.precision 'tf32' needs a CUDA device, not {device}")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"train.precision 'bf16': {torch.cuda.get_device_name(device)} does not support bfloat16")
+    if precision == "bf16" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < (8, 0):
+            raise ValueError(
+                f"train.precision 'bf16' needs compute capability 8.0 or later for native bfloat16; "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]} "
+                f"(use 'fp32', or 'tf32' on 8.0+)"
+            )
+
+
+def tf32_flags() -> tuple[str, str]:
+    """The process's TF32 settings: (CUDA matmul, cuDNN conv) `fp32_precision`, "tf32" or "ieee".
+
+    Only torch's newer `fp32_precision` API is used, never the legacy `allow_tf32`: torch
+    raises when code reads one after the other was set, and Inductor reads the new one.
+    """
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def set_tf32_flags(flags: tuple[str, str]) -> None:
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = flags
+
+
+@contextmanager
+def precision_flags(precision: str):
+    """TF32 on for `precision == "tf32"`, off ("ieee") for every other precision, inside the block;
+    the process's previous settings come back on exit.
+
+    The flags are process-wide and Ray reuses a worker for the next trial or search sample, so a
+    trial never leaves them set: a tf32 trial followed by an fp32 one in the same worker would
+    otherwise run the fp32 one on TF32 tensor cores.
+    """
+    before = tf32_flags()
+    want = "tf32" if precision == "tf32" else "ieee"
+    set_tf32_flags((want, want))
+    try:
+        yield
+    finally:
+        set_tf32_flags(before)
 
 
 def use_fused_gelu(model: DecisionTransformer) -> None:
@@ -161,6 +200,28 @@ def training_attention(model: DecisionTransformer, device: torch.device):
     attention dropout sends SDPA to its unfused math fallback, transformers' eager attention,
     which is faster there (same function)."""
     return eager_attention(model.transformer) if device.type == "cpu" else nullcontext()
+
+
+def compile_for_trial(model: torch.nn.Module, num_cpus: float) -> torch.nn.Module:
+    """`torch.compile(model)` for a new trial, in a worker that may have run other trials.
+
+    Dynamo caches compiled code per code object (`DecisionTransformer.forward`, shared by every
+    DT) and guards it on the module, so each new trial in a reused Ray worker compiles again;
+    after `torch._dynamo.config.recompile_limit` (8) trials the worker would silently run eager.
+    `torch.compiler.reset()` drops the earlier trials' graphs (their models are gone), and
+    `fail_on_recompile_limit_hit` turns hitting the limit within one trial into an error rather
+    than a silent fallback. Inductor compiles kernels in `compile_threads` processes (default:
+    min(32, the machine's cores)); it is bounded by the trial's CPUs. The pool is made at the
+    first compilation of a process and kept, so the first trial's bound holds for the worker
+    (Ray reuses a worker only for trials of the same resources).
+    """
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch.compiler.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    torch._inductor.config.compile_threads = max(1, int(num_cpus))
+    return torch.compile(model)
 
 
 class TrialRunner:
@@ -220,12 +281,11 @@ class TrialRunner:
         use_fused_gelu(self.model)
         self.precision = tc.precision
         check_precision(self.precision, self.device)
-        if self.precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True  # process-wide: one trial per process
-            torch.backends.cudnn.allow_tf32 = True
+        # TF32 is switched on and off around each piece of work (train_epoch, action_error,
+        # evaluate: `precision_flags`), never left set for the worker's next trial.
         # Only the training forward is compiled: its batches always have the same shape, while
         # evaluation and the probe vary the batch size (each size would compile again).
-        self.train_forward = torch.compile(self.model) if tc.compile else self.model
+        self.train_forward = compile_for_trial(self.model, trial.resources.cpu) if tc.compile else self.model
         # The fused kernel updates every tensor in one pass (no Python loop per parameter),
         # on CUDA and on CPU; same AdamW update up to rounding.
         self.optimizer = torch.optim.AdamW(
@@ -246,7 +306,13 @@ class TrialRunner:
     # ---- resume state (plain tensors/containers: loads with torch.load(weights_only=True))
 
     def resume_state(self) -> dict:
-        return {
+        """Everything `load_resume_state` needs to continue this trial as if never stopped.
+
+        Every tensor is on the CPU, so the file loads on any machine (a GPU trial may resume on
+        another node). `cuda_rng` (a GPU trial's dropout masks come from the CUDA generator)
+        is present when the trial runs on CUDA.
+        """
+        state = {
             "trial_id": self.tid,
             "epoch": self.epoch,
             "step": self.step,
@@ -260,8 +326,18 @@ class TrialRunner:
             "rows": json.dumps(self.rows),
             "checkpoint_rows": json.dumps(self.checkpoint_rows),
         }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return _on_cpu(state)
 
     def load_resume_state(self, state: dict) -> None:
+        """Continue from `resume_state()`'s dict, wherever its tensors were loaded.
+
+        Tensors are first moved to the CPU (`map_location="cpu"` semantics; each then goes to
+        the device of what it restores). The CUDA generator is restored when the state has one
+        and this runner is on CUDA; a state saved on CPU leaves the CUDA generator as seeded.
+        """
+        state = _on_cpu(state)
         if state["trial_id"] != self.tid:
             raise ValueError(f"resume state of trial {state['trial_id']} given to trial {self.tid}")
         self.model.load_state_dict(state["model"])
@@ -271,6 +347,8 @@ class TrialRunner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.wall_time_s = float(state["wall_time_s"])
         # Rows written after this state (a crash between the metrics write and the Tune
@@ -297,7 +375,7 @@ class TrialRunner:
         tc = self.trial.train
         self.model.train()
         total = torch.zeros((), device=self.device)
-        with training_attention(self.model, self.device):
+        with precision_flags(self.precision), training_attention(self.model, self.device):
             for _ in range(tc.steps_per_epoch):
                 batch = self.sampler.sample()
                 with self.autocast():
@@ -341,7 +419,7 @@ class TrialRunner:
     def action_error(self) -> float:
         was = self.model.training
         self.model.eval()
-        with self.autocast():
+        with precision_flags(self.precision), self.autocast():
             err = self._action_loss(self.model, self.probe).item()
         self.model.train(was)
         return err
@@ -350,7 +428,7 @@ class TrialRunner:
         t, ev = self.trial, self.trial.eval
         if self.eval_envs is None:
             self.eval_envs = make_envs(t.env, ev.episodes, self.dataset.eval_env)
-        with self.autocast():
+        with precision_flags(self.precision), self.autocast():
             res = evaluate_episodes(
                 self.model,
                 t.env,
@@ -421,6 +499,20 @@ class TrialRunner:
         self.store.write_table(
             f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA)
         )
+
+
+def _on_cpu(obj):
+    """`obj` with every tensor in it (through dicts, lists and tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, _on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's per-module versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def set_threads_for_trial(num_cpus: float) -> None:
