@@ -479,3 +479,37 @@ def test_diagnose_writes_every_kind_for_every_trial_and_resumes(trained_sweep):
 
     timings = pd.read_parquet(f"{sweep_dir}/diagnostics/timings.parquet")
     assert len(timings) == 2 * len(KINDS) and (timings["seconds"] > 0).all()
+
+
+def test_gradients_of_a_frozen_trial_leave_the_frozen_backbone_out(tmp_path, data_cache):
+    """The same epoch-1 weights measured as a trial that trained everything and as one whose
+    backbone was frozen (train.freeze: blocks): only the tensors that trained count."""
+    import pandas as pd
+
+    from dtsweep.diagnostics.job import Context, _merge_options, measure_gradients
+    from dtsweep.models import backbone_config_dict
+    from dtsweep.spec import parse_spec
+    from dtsweep.store import Store, write_checkpoint
+
+    model_cfg = JOB_SPEC["defaults"]["model"]
+    model = build_decision_transformer("random", state_dim=11, act_dim=3, seed=0, context_len=2, overrides=model_cfg)
+    store = Store(str(tmp_path))
+    meta = {"trial_id": "t", "epoch": 1, "state_dim": 11, "act_dim": 3, "backbone_config": backbone_config_dict(model)}
+    write_checkpoint(store, "epoch=1.parquet", model.state_dict(), meta)
+    ckpts = {1: store.uri("epoch=1.parquet")}
+    ctx = Context(device=torch.device("cpu"), options=_merge_options(JOB_OPTIONS), max_grad_elements=2**27)
+
+    rows = {}
+    for freeze in ("none", "blocks"):
+        defaults = {**JOB_SPEC["defaults"], "train": {**JOB_SPEC["defaults"]["train"], "freeze": freeze}}
+        spec = parse_spec({**JOB_SPEC, "storage": str(tmp_path / freeze), "defaults": defaults})
+        rows[freeze] = pd.DataFrame(measure_gradients(ctx, spec.trials()[0], ckpts))
+    tensors = {f: set(df.loc[df["row"] == "tensor", "tensor"]) for f, df in rows.items()}
+    backbone = {t for t in tensors["none"] if t.startswith("transformer.")}
+    assert backbone  # the unfrozen trial does count the backbone
+    assert tensors["blocks"] == tensors["none"] - backbone
+    frozen = rows["blocks"]
+    assert frozen.loc[frozen["row"] == "tensor", "share"].sum() == pytest.approx(1.0)
+    # Same weights, same windows: leaving tensors out can only shorten each sample's gradient.
+    norms = {f: df.loc[df["row"] == "sample", "grad_norm"].to_numpy() for f, df in rows.items()}
+    assert (norms["blocks"] < norms["none"]).all()

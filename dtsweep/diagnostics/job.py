@@ -28,7 +28,8 @@ mine       at the final epoch, on `n_windows` fixed windows without padding; one
 params     epoch 0 vs final; one row per floating-point tensor of the transformer blocks:
            tensor, block, l2, cosine, norm_a, norm_b, numel, epoch_a, epoch_b.
 gradients  at the epoch-1 checkpoint, per-sample gradients of the action loss (eval mode) on
-           one fixed batch of the trial's batch size; three row types, told apart by `row`:
+           one fixed batch of the trial's batch size, over the tensors the trial trained (its
+           train.freeze re-applied: a frozen backbone is left out); three row types, told apart by `row`:
            "sample": sample, grad_norm (before clipping), grad_norm_clipped (at max_norm);
            "summary": confusion (min pairwise cosine, the same before and after clipping),
            n (samples), max_norm; "tensor": tensor, block (null outside the blocks), share
@@ -64,7 +65,7 @@ from dtsweep.diagnostics.cka import linear_cka
 from dtsweep.diagnostics.gradients import CLIP_NORM, dt_gradient_stats
 from dtsweep.diagnostics.mine import estimate_mi_batched
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
-from dtsweep.models import DecisionTransformer
+from dtsweep.models import FREEZE, DecisionTransformer
 from dtsweep.spec import Trial
 from dtsweep.store import TRIAL_COLUMNS, Store, load_checkpoint, read_checkpoint_metadata, table_from_rows
 
@@ -165,11 +166,19 @@ class Context:
     max_grad_elements: int
     _data: dict = field(default_factory=dict)
 
-    def model(self, path: str):
-        """Rebuild a checkpoint's DecisionTransformer, in eval mode, on the device."""
+    def model(self, path: str, freeze: str = "none"):
+        """Rebuild a checkpoint's DecisionTransformer, in eval mode, on the device.
+
+        freeze: the trial's `train.freeze`; "blocks" freezes the backbone again, so that
+        requires_grad says which tensors the trial trained (the checkpoint does not record it).
+        """
+        if freeze not in FREEZE:
+            raise ValueError(f"freeze must be one of {FREEZE}, got {freeze!r}")
         meta = read_checkpoint_metadata(path)
         model = DecisionTransformer.from_config_dict(meta["backbone_config"], meta["state_dim"], meta["act_dim"])
         model.load_state_dict(load_checkpoint(path))
+        if freeze == "blocks":
+            model.freeze_backbone()
         return model.to(self.device).eval()
 
     def trajectories(self, trial: Trial):
@@ -329,7 +338,8 @@ def measure_gradients(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list
     epoch = 1
     max_norm = trial.train.grad_clip if trial.train.grad_clip is not None else CLIP_NORM
     batch = ctx.windows(trial, opt.get("n_samples") or trial.train.batch_size)
-    model = ctx.model(ckpts[epoch])
+    # Frozen tensors never trained: their gradients are not part of the trial's update.
+    model = ctx.model(ckpts[epoch], freeze=trial.train.freeze)
     stats = dt_gradient_stats(
         model, batch, max_norm=max_norm, max_elements=opt.get("max_elements") or ctx.max_grad_elements
     )
