@@ -22,7 +22,7 @@ from dtsweep.diagnostics.gradients import (
     norm_shares,
     per_sample_grads,
 )
-from dtsweep.diagnostics.mine import estimate_mi, estimate_mi_batched
+from dtsweep.diagnostics.mine import estimate_mi, estimate_mi_batched, train_critics
 from dtsweep.diagnostics.params import param_changes
 from dtsweep.models import build_decision_transformer, eager_attention
 
@@ -170,6 +170,40 @@ def test_mine_critics_of_a_batch_train_independently():
     # Deterministic for a seed, different for another.
     assert estimate_mi(xa, ya, seed=3, **kw) == alone
     assert estimate_mi(xa, ya, seed=4, **kw) != alone
+
+
+def test_mine_with_the_job_defaults_recovers_gaussian_mutual_information():
+    """The options `diagnose` uses (narrow critics, early stopping), on known answers."""
+    from dtsweep.diagnostics.job import DEFAULT_OPTIONS
+
+    names = ("hidden", "layers", "steps", "batch_size", "lr", "eval_every", "patience", "eval_shuffles")
+    kw = {k: DEFAULT_OPTIONS["mine"][k] for k in names}
+    cases = [(1, 0.0), (1, 0.8), (2, 0.5), (2, 0.8)]
+    xs, ys, truth = zip(*(correlated_gaussians(4096, d, r, seed=30 + i) for i, (d, r) in enumerate(cases)))
+    result = train_critics(list(xs), list(ys), seed=0, **kw)
+    for (d, rho), e, t in zip(cases, result.mi, truth):
+        # Held-out DV bound from 819 rows: noise of a few hundredths of a nat. Above ~2 nats
+        # MINE underestimates more (2.2 for 2.49 nats at d=3, rho=0.9), as the DV bound does.
+        tol = 0.03 if rho == 0 else 0.1
+        assert abs(e - t) < tol, f"d={d} rho={rho}: estimate {e:.3f}, true {t:.3f}"
+    # Early stopping ended every critic well before the cap.
+    assert (result.stop_step < kw["steps"]).all() and (result.best_step < result.stop_step).all()
+
+
+def test_mine_early_stopping_keeps_critics_independent():
+    """Critics that stop early leave the stack; the others train on exactly as if alone."""
+    kw = dict(hidden=32, steps=60, lr=3e-3, batch_size=64, eval_every=5, patience=2)
+    xa, ya, _ = correlated_gaussians(400, 2, 0.7, seed=10)
+    xb, yb, _ = correlated_gaussians(400, 2, 0.0, seed=11)  # nothing to learn: stops first
+    both = train_critics([xa, xb], [ya, yb], seed=3, **kw)
+    alone = train_critics([xa], [ya], seed=3, **kw)
+    assert both.stop_step[1] < both.stop_step[0] <= kw["steps"]  # the stack was compacted
+    # float32 batched matmuls round differently with the stack size, and training amplifies it;
+    # training on another critic's Adam moments or EMA would move the estimate by far more.
+    assert both.mi[0] == pytest.approx(alone.mi[0], abs=1e-3)
+    assert both.best_step[0] == alone.best_step[0] and both.stop_step[0] == alone.stop_step[0]
+    # The early-stopped critic ran exactly `patience` evaluations past its best one.
+    assert both.best_step[1] == both.stop_step[1] - kw["patience"] * kw["eval_every"]
 
 
 def test_mine_rejects_mismatched_samples():
@@ -479,3 +513,37 @@ def test_diagnose_writes_every_kind_for_every_trial_and_resumes(trained_sweep):
 
     timings = pd.read_parquet(f"{sweep_dir}/diagnostics/timings.parquet")
     assert len(timings) == 2 * len(KINDS) and (timings["seconds"] > 0).all()
+
+
+def test_gradients_of_a_frozen_trial_leave_the_frozen_backbone_out(tmp_path, data_cache):
+    """The same epoch-1 weights measured as a trial that trained everything and as one whose
+    backbone was frozen (train.freeze: blocks): only the tensors that trained count."""
+    import pandas as pd
+
+    from dtsweep.diagnostics.job import Context, _merge_options, measure_gradients
+    from dtsweep.models import backbone_config_dict
+    from dtsweep.spec import parse_spec
+    from dtsweep.store import Store, write_checkpoint
+
+    model_cfg = JOB_SPEC["defaults"]["model"]
+    model = build_decision_transformer("random", state_dim=11, act_dim=3, seed=0, context_len=2, overrides=model_cfg)
+    store = Store(str(tmp_path))
+    meta = {"trial_id": "t", "epoch": 1, "state_dim": 11, "act_dim": 3, "backbone_config": backbone_config_dict(model)}
+    write_checkpoint(store, "epoch=1.parquet", model.state_dict(), meta)
+    ckpts = {1: store.uri("epoch=1.parquet")}
+    ctx = Context(device=torch.device("cpu"), options=_merge_options(JOB_OPTIONS), max_grad_elements=2**27)
+
+    rows = {}
+    for freeze in ("none", "blocks"):
+        defaults = {**JOB_SPEC["defaults"], "train": {**JOB_SPEC["defaults"]["train"], "freeze": freeze}}
+        spec = parse_spec({**JOB_SPEC, "storage": str(tmp_path / freeze), "defaults": defaults})
+        rows[freeze] = pd.DataFrame(measure_gradients(ctx, spec.trials()[0], ckpts))
+    tensors = {f: set(df.loc[df["row"] == "tensor", "tensor"]) for f, df in rows.items()}
+    backbone = {t for t in tensors["none"] if t.startswith("transformer.")}
+    assert backbone  # the unfrozen trial does count the backbone
+    assert tensors["blocks"] == tensors["none"] - backbone
+    frozen = rows["blocks"]
+    assert frozen.loc[frozen["row"] == "tensor", "share"].sum() == pytest.approx(1.0)
+    # Same weights, same windows: leaving tensors out can only shorten each sample's gradient.
+    norms = {f: df.loc[df["row"] == "sample", "grad_norm"].to_numpy() for f, df in rows.items()}
+    assert (norms["blocks"] < norms["none"]).all()

@@ -6,6 +6,7 @@
     per_sample_grads / gradient_stats         gradients.py  per-sample gradient norms, confusion, shares
     attention_distance(attn, mask)            attention.py  mean attended distance per head, tokens
     run_diagnostics(sweep_dir, kinds)         job.py        all of them as a Ray Data job -> Parquet
+    estimated_seconds(kind, n_layer, ...)     job.py        CPU seconds per trial and kind, for plans
 
 Where the released reference code got an analysis wrong, and what is done here instead:
 - CKA sliced the feature axis: here the rows compared are examples (tokens), never units;
@@ -25,10 +26,14 @@ from dtsweep.diagnostics.gradients import (
     norm_shares,
     per_sample_grads,
 )
-from dtsweep.diagnostics.mine import estimate_mi, estimate_mi_batched
+from dtsweep.diagnostics.job import estimated_seconds
+from dtsweep.diagnostics.mine import CriticResult, estimate_mi, estimate_mi_batched, train_critics
 from dtsweep.diagnostics.params import param_changes
 
 __all__ = [
+    "CriticResult",
+    "estimated_seconds",
+    "train_critics",
     "GradientStats",
     "attention_distance",
     "clip_per_sample",

@@ -24,11 +24,13 @@ mine       at the final epoch, on `n_windows` fixed windows without padding; one
            the last action vs block b's output at position t; position t = timestep 0..K−1,
            token its type, token_index = 3t + (0, 1, 2); every token but a_K. mi_nats (MINE,
            DV bound on held-out windows, see dtsweep.diagnostics.mine); n (windows);
-           epoch; steps and hidden of the critic.
+           epoch; steps (the most the critic may train) and hidden of the critic; best_step
+           (the step whose weights gave mi_nats) and stop_step (where early stopping ended it).
 params     epoch 0 vs final; one row per floating-point tensor of the transformer blocks:
            tensor, block, l2, cosine, norm_a, norm_b, numel, epoch_a, epoch_b.
 gradients  at the epoch-1 checkpoint, per-sample gradients of the action loss (eval mode) on
-           one fixed batch of the trial's batch size; three row types, told apart by `row`:
+           one fixed batch of the trial's batch size, over the tensors the trial trained (its
+           train.freeze re-applied: a frozen backbone is left out); three row types, told apart by `row`:
            "sample": sample, grad_norm (before clipping), grad_norm_clipped (at max_norm);
            "summary": confusion (min pairwise cosine, the same before and after clipping),
            n (samples), max_norm; "tensor": tensor, block (null outside the blocks), share
@@ -62,9 +64,9 @@ from dtsweep.data import load_dataset, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
 from dtsweep.diagnostics.cka import linear_cka
 from dtsweep.diagnostics.gradients import CLIP_NORM, dt_gradient_stats
-from dtsweep.diagnostics.mine import estimate_mi_batched
+from dtsweep.diagnostics.mine import train_critics
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
-from dtsweep.models import DecisionTransformer
+from dtsweep.models import FREEZE, DecisionTransformer
 from dtsweep.spec import Trial
 from dtsweep.store import TRIAL_COLUMNS, Store, load_checkpoint, read_checkpoint_metadata, table_from_rows
 
@@ -74,13 +76,19 @@ TOKEN_TYPES = ("return", "state", "action")
 PARTS_DIR = "diagnostics/parts"
 TIMINGS = "diagnostics/timings.parquet"
 
-# Per-kind settings. DEFAULT_OPTIONS follow the paper where it says (3×400 critic, clip 0.25,
-# batch of the training run); FAST_OPTIONS make a CPU smoke run (quickstart, tests) take
-# seconds per trial instead of hours — MINE's 6(3K − 1) critics dominate.
+# Per-kind settings. DEFAULT_OPTIONS follow the paper where it says (clip 0.25, batch of the
+# training run). MINE's statistics network is narrower than the paper's 3×400: a trial needs
+# 6(3K − 1) critics (354 at K = 20) and a 3×400 critic costs ~25 ms of one CPU core per step
+# at batch 256, i.e. ~2.5 CPU-hours per trial for 1000 steps; 3×64 critics with Adam at 1e-3
+# stop early on the validation bound after a few hundred steps instead (benchmarks/README.md,
+# "Diagnostics cost"). Pass {"mine": {"hidden": 400, "lr": 1e-4, "patience": None}} for the
+# paper's critic. FAST_OPTIONS make a CPU smoke run (tests) take seconds per trial; MINE then
+# underestimates (see the `diagnose --fast` help).
 DEFAULT_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 1024, "chunk": 256},
-    "mine": {"n_windows": 4096, "hidden": 400, "layers": 3, "steps": 1000, "batch_size": 256,
-             "lr": 1e-4, "critics_per_call": 128, "chunk": 256},
+    "mine": {"n_windows": 4096, "hidden": 64, "layers": 3, "steps": 1000, "batch_size": 128,
+             "lr": 1e-3, "eval_every": 25, "patience": 4, "eval_shuffles": 8,
+             "critics_per_call": 128, "chunk": 256},
     "params": {},
     "gradients": {"n_samples": None, "max_elements": None},  # None: trial batch size; by memory
     "attention": {"n_windows": 256},
@@ -88,7 +96,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
 FAST_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 256},
     "mine": {"n_windows": 1024, "hidden": 32, "steps": 100, "batch_size": 128, "lr": 1e-3,
-             "critics_per_call": 512},
+             "patience": None, "critics_per_call": 512},
     "gradients": {"n_samples": 16},
     "attention": {"n_windows": 64},
 }
@@ -108,6 +116,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("epoch", pa.int64()), ("block", pa.int64()), ("depth", pa.string()), ("which", pa.string()),
         ("position", pa.int64()), ("token", pa.string()), ("token_index", pa.int64()),
         ("mi_nats", pa.float64()), ("n", pa.int64()), ("steps", pa.int64()), ("hidden", pa.int64()),
+        ("best_step", pa.int64()), ("stop_step", pa.int64()),
     ]),
     "params": _schema([
         ("epoch_a", pa.int64()), ("epoch_b", pa.int64()), ("tensor", pa.string()), ("block", pa.int64()),
@@ -130,6 +139,48 @@ TIMINGS_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("kind", pa.string()), ("init", pa.string()), ("n_rows", pa.int64()),
      ("seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64())]
 )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model (for `plan`)
+
+# CPU seconds of one core per trial with DEFAULT_OPTIONS, measured on a ChibiT-size DT
+# (3 layers, 128 wide, K = 20, batch 64, 3 saved epochs) with benchmarks/diagnostics.py; see
+# benchmarks/README.md, "Diagnostics cost". The shapes below scale them to other sizes.
+REFERENCE_SHAPE = {"n_layer": 3, "n_embd": 128, "context_len": 20}
+REFERENCE_CPU_SECONDS = {"cka": 13.0, "mine": 100.0, "params": 0.05, "gradients": 0.7, "attention": 1.2}
+
+
+def estimated_seconds(kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64,
+                      n_epochs_saved: int = 3) -> float:
+    """Rough CPU seconds (one core, DEFAULT_OPTIONS) that diagnostic `kind` takes for one trial.
+
+    Scales REFERENCE_CPU_SECONDS by the work that grows with the model: forwards and feature
+    products ∝ n_layer · n_embd² · K (cka, attention × saved epochs, gradients × batch), tensor
+    sizes ∝ n_layer · n_embd² (params), and MINE ∝ its number of critics (3K − 1 positions ×
+    up to 3 blocks) × a critic's per-row cost, whose first layer grows with n_embd. A GPU is
+    many times faster; divide by a measured speed-up rather than trusting this for GPUs.
+    """
+    ref = REFERENCE_SHAPE
+    body = (n_layer * n_embd**2 * context_len) / (ref["n_layer"] * ref["n_embd"] ** 2 * ref["context_len"])
+    if kind == "cka":
+        return REFERENCE_CPU_SECONDS["cka"] * body
+    if kind == "attention":
+        return REFERENCE_CPU_SECONDS["attention"] * body * n_epochs_saved / 3
+    if kind == "gradients":
+        return REFERENCE_CPU_SECONDS["gradients"] * body * batch_size / 64
+    if kind == "params":
+        return REFERENCE_CPU_SECONDS["params"] * body * ref["context_len"] / context_len
+    if kind == "mine":
+        hidden = DEFAULT_OPTIONS["mine"]["hidden"]
+
+        def critic_cost(width: int) -> float:  # multiply-adds per row of a 3-layer critic
+            return (width + 11) * hidden + 2 * hidden * hidden
+
+        critics = (3 * context_len - 1) * len(mine_blocks(n_layer))
+        ref_critics = (3 * ref["context_len"] - 1) * len(mine_blocks(ref["n_layer"]))
+        return REFERENCE_CPU_SECONDS["mine"] * critics / ref_critics * critic_cost(n_embd) / critic_cost(ref["n_embd"])
+    raise ValueError(f"unknown diagnostic kind {kind!r}; kinds: {KINDS}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,11 +216,19 @@ class Context:
     max_grad_elements: int
     _data: dict = field(default_factory=dict)
 
-    def model(self, path: str):
-        """Rebuild a checkpoint's DecisionTransformer, in eval mode, on the device."""
+    def model(self, path: str, freeze: str = "none"):
+        """Rebuild a checkpoint's DecisionTransformer, in eval mode, on the device.
+
+        freeze: the trial's `train.freeze`; "blocks" freezes the backbone again, so that
+        requires_grad says which tensors the trial trained (the checkpoint does not record it).
+        """
+        if freeze not in FREEZE:
+            raise ValueError(f"freeze must be one of {FREEZE}, got {freeze!r}")
         meta = read_checkpoint_metadata(path)
         model = DecisionTransformer.from_config_dict(meta["backbone_config"], meta["state_dim"], meta["act_dim"])
         model.load_state_dict(load_checkpoint(path))
+        if freeze == "blocks":
+            model.freeze_backbone()
         return model.to(self.device).eval()
 
     def trajectories(self, trial: Trial):
@@ -286,13 +345,15 @@ def measure_mine(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict
             xs.append(last_action)
             ys.append(hidden[b][:, j])
     per_call = opt.get("critics_per_call") or len(specs)
-    kw = {name: opt[name] for name in ("hidden", "layers", "steps", "batch_size", "lr") if name in opt}
-    mi = np.concatenate(
-        [
-            estimate_mi_batched(xs[i : i + per_call], ys[i : i + per_call], seed=trial.seed + i, **kw)
-            for i in range(0, len(specs), per_call)
-        ]
-    )
+    names = ("hidden", "layers", "steps", "batch_size", "lr", "eval_every", "patience", "eval_shuffles")
+    kw = {name: opt[name] for name in names if name in opt}
+    results = [
+        train_critics(xs[i : i + per_call], ys[i : i + per_call], seed=trial.seed + i, **kw)
+        for i in range(0, len(specs), per_call)
+    ]
+    mi = np.concatenate([r.mi for r in results])
+    best_step = np.concatenate([r.best_step for r in results])
+    stop_step = np.concatenate([r.stop_step for r in results])
     n = len(batch["states"])
     return [
         {
@@ -307,8 +368,10 @@ def measure_mine(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict
             "n": n,
             "steps": opt["steps"],
             "hidden": opt["hidden"],
+            "best_step": int(bs),
+            "stop_step": int(ss),
         }
-        for (b, which, j), v in zip(specs, mi)
+        for (b, which, j), v, bs, ss in zip(specs, mi, best_step, stop_step)
     ]
 
 
@@ -329,7 +392,8 @@ def measure_gradients(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list
     epoch = 1
     max_norm = trial.train.grad_clip if trial.train.grad_clip is not None else CLIP_NORM
     batch = ctx.windows(trial, opt.get("n_samples") or trial.train.batch_size)
-    model = ctx.model(ckpts[epoch])
+    # Frozen tensors never trained: their gradients are not part of the trial's update.
+    model = ctx.model(ckpts[epoch], freeze=trial.train.freeze)
     stats = dt_gradient_stats(
         model, batch, max_norm=max_norm, max_elements=opt.get("max_elements") or ctx.max_grad_elements
     )
@@ -510,6 +574,23 @@ def _write_timings(store: Store, statuses: list[dict]) -> None:
     store.write_table(TIMINGS, table_from_rows(rows, TIMINGS_SCHEMA))
 
 
+def _progress_line(status: dict, done: int, total: int, elapsed: float) -> str:
+    """One line per finished (trial, kind) item: its time, the job's elapsed time and an ETA.
+
+    The ETA assumes the remaining items take as long on average as the finished ones (kinds
+    differ a lot, so it settles once each kind has finished for a trial or two).
+    """
+    eta = elapsed / done * (total - done)
+    what = "failed" if status["error"] is not None else f"{status['n_rows']} rows in {status['seconds']:.1f}s"
+    return (f"[diagnose {_clock(elapsed)}] {done}/{total} {status['kind']} of {status['trial_id']} ({status['init']}): "
+            f"{what}; ETA {_clock(eta)}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def _merge_options(options: dict[str, dict] | None) -> dict[str, dict]:
     merged = {k: dict(v) for k, v in DEFAULT_OPTIONS.items()}
     for kind, values in (options or {}).items():
@@ -578,7 +659,11 @@ def run_diagnostics(
                 compute=ray.data.ActorPoolStrategy(size=size),
                 **per_actor,
             )
-            statuses = ds.take_all()
+            statuses = []
+            t0 = time.perf_counter()
+            for status in ds.iter_rows():
+                statuses.append(dict(status))
+                log(_progress_line(status, len(statuses), len(work.todo), time.perf_counter() - t0))
         finally:
             if started_here:
                 ray.shutdown()

@@ -31,12 +31,13 @@ receive gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["estimate_mi", "estimate_mi_batched"]
+__all__ = ["CriticResult", "estimate_mi", "estimate_mi_batched", "train_critics"]
 
 
 def _stack_padded(arrays, device) -> tuple[torch.Tensor, list[int]]:
@@ -129,7 +130,38 @@ def _dv_bound(critics: "_StackedCritics", x: torch.Tensor, y: torch.Tensor, shif
     return joint - (torch.logsumexp(lse, 0) - math.log(len(shifts) * x.shape[1]))
 
 
-def estimate_mi_batched(
+@dataclass
+class CriticResult:
+    """What `train_critics` measured for m critics (all arrays [m]).
+
+    mi:         held-out DV bound of the kept weights, nats (float64).
+    best_step:  the training step whose weights were kept (0: the initial weights).
+    stop_step:  the step at which the critic stopped training (early stop or `steps`).
+    """
+
+    mi: np.ndarray
+    best_step: np.ndarray
+    stop_step: np.ndarray
+
+
+def _compact(critics: "_StackedCritics", opt: torch.optim.Adam, keep: torch.Tensor, lr: float):
+    """Drop the critics not in `keep` (bool [m_active]) from the stack and from Adam's state.
+
+    Adam is element-wise, so the remaining critics continue exactly as if nothing was dropped.
+    """
+    old = list(critics.parameters())
+    states = [opt.state.get(p, {}) for p in old]
+    for plist in (critics.weights, critics.biases):
+        for i, p in enumerate(plist):
+            plist[i] = torch.nn.Parameter(p.detach()[keep].clone())
+    new_opt = torch.optim.Adam(critics.parameters(), lr=lr)
+    for p, state in zip(critics.parameters(), states):
+        if state:
+            new_opt.state[p] = {k: (v[keep].clone() if k != "step" else v.clone()) for k, v in state.items()}
+    return new_opt
+
+
+def train_critics(
     xs,
     ys,
     *,
@@ -144,24 +176,32 @@ def estimate_mi_batched(
     validation: float = 0.2,
     eval_every: int = 50,
     eval_shuffles: int = 16,
+    patience: int | None = None,
     device: str | torch.device | None = None,
-) -> np.ndarray:
+) -> CriticResult:
     """MINE estimates of I(x_i; y_i) in nats for m pairs of sample matrices at once.
 
     xs: m matrices [n, dx_i] (a list, or one [m, n, dx] array/tensor); ys: m matrices [n, dy_i].
     Row r of xs[i] and row r of ys[i] are one joint sample; all m pairs share the same n.
     A seeded permutation sets aside holdout·n rows for the estimate and `validation` of the rest
     for choosing the training step (0 disables the choice: the last step's weights are kept).
-    Each critic runs `steps` Adam steps on minibatches of `batch_size` joint pairs and as many
-    independently drawn product-of-marginals pairs; its weights at the validation-best multiple
-    of `eval_every` give the DV bound on the held-out rows, whose marginal term averages
-    `eval_shuffles` cyclic shifts of the held-out y. Returns a float64 numpy array [m] (nats).
+    Each critic runs up to `steps` Adam steps on minibatches of `batch_size` joint pairs and as
+    many independently drawn product-of-marginals pairs; its weights at the validation-best
+    multiple of `eval_every` give the DV bound on the held-out rows, whose marginal term averages
+    `eval_shuffles` cyclic shifts of the held-out y.
+
+    patience: stop a critic once its validation bound has not improved for `patience`
+        evaluations in a row (None: train every critic for `steps`). A stopped critic leaves the
+        stack, so the others' steps get cheaper; its kept weights are those it would have kept
+        anyway if its best step is followed by no better one (the usual early-stopping bet).
     Runs on `device` (default: that of xs[0] if it is a tensor, else CPU); deterministic for a
-    given seed and device.
+    given seed and device, and each critic's result is the same whatever else is in the batch.
     """
     if device is None:
         first = xs[0] if not isinstance(xs, torch.Tensor) else xs
         device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 evaluations or None, got {patience}")
     x, x_widths = _stack_padded(xs, device)
     y, y_widths = _stack_padded(ys, device)
     if x.shape[:2] != y.shape[:2]:
@@ -183,15 +223,23 @@ def estimate_mi_batched(
     opt = torch.optim.Adam(critics.parameters(), lr=lr)
     xt, yt = x[:, train_idx], y[:, train_idx]
     n_train = xt.shape[1]
-    val_set = _marginal_shifts(x[:, val_idx], y[:, val_idx], eval_shuffles, g) if n_val >= 2 else None
+    val_x, val_y, val_shifts = _marginal_shifts(x[:, val_idx], y[:, val_idx], eval_shuffles, g) if n_val >= 2 else (None,) * 3
+    # Drawn before training, so that how long the others train cannot change a critic's estimate.
+    hold_set = _marginal_shifts(x[:, hold_idx], y[:, hold_idx], eval_shuffles, g)
+
+    active = torch.arange(m, device=device)  # global ids of the critics still training
     best_val = torch.full((m,), -math.inf, device=device)
+    best_step = np.zeros(m, dtype=np.int64)
+    stop_step = np.full(m, steps, dtype=np.int64)
+    since_best = torch.zeros(m, dtype=torch.long, device=device)
     best = [p.detach().clone() for p in critics.parameters()]
-    log_ema = None  # log of the moving average of E_marginal[exp T], one per critic
+    log_ema = None  # log of the moving average of E_marginal[exp T], one per active critic
     for step in range(1, steps + 1):
         joint = torch.randint(n_train, (batch_size,), generator=g).to(device)
         other = torch.randint(n_train, (batch_size,), generator=g).to(device)
+        xa, ya = xt[active], yt[active]
         pairs = torch.cat(
-            [torch.cat([xt[:, joint], yt[:, joint]], -1), torch.cat([xt[:, joint], yt[:, other]], -1)], 1
+            [torch.cat([xa[:, joint], ya[:, joint]], -1), torch.cat([xa[:, joint], ya[:, other]], -1)], 1
         )
         t = critics(pairs)
         t_joint, t_marg = t[:, :batch_size], t[:, batch_size:]
@@ -207,20 +255,47 @@ def estimate_mi_batched(
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
-        if val_set is not None and (step % eval_every == 0 or step == steps):
-            with torch.no_grad():
-                val = _dv_bound(critics, *val_set)
-                better = val > best_val
-                best_val = torch.where(better, val, best_val)
-                for keep, p in zip(best, critics.parameters()):
-                    keep[better] = p[better]
+        if val_x is None or not (step % eval_every == 0 or step == steps):
+            continue
+        with torch.no_grad():
+            val = _dv_bound(critics, val_x[active], val_y[active], val_shifts)
+            better = val > best_val[active]
+            ids = active[better]
+            best_val[ids] = val[better]
+            best_step[ids.cpu().numpy()] = step
+            for keep, p in zip(best, critics.parameters()):
+                keep[ids] = p[better]
+            since_best[active] = torch.where(better, 0, since_best[active] + 1)
+        if patience is None:
+            continue
+        done = since_best[active] >= patience
+        if bool(done.any()):
+            stop_step[active[done].cpu().numpy()] = step
+            keep_mask = ~done
+            if not bool(keep_mask.any()):
+                break
+            active = active[keep_mask]
+            log_ema = log_ema[keep_mask]
+            opt = _compact(critics, opt, keep_mask, lr)
 
     with torch.no_grad():
-        if val_set is not None:
-            for keep, p in zip(best, critics.parameters()):
-                p.copy_(keep)
-        mi = _dv_bound(critics, *_marginal_shifts(x[:, hold_idx], y[:, hold_idx], eval_shuffles, g))
-    return mi.double().cpu().numpy()
+        if val_x is None:  # no choice of step: the last weights of every critic
+            best = [p.detach() for p in critics.parameters()]
+            best_step[:] = stop_step
+        n_w = len(critics.weights)
+        for plist, values in ((critics.weights, best[:n_w]), (critics.biases, best[n_w:])):
+            for i, v in enumerate(values):
+                plist[i] = torch.nn.Parameter(v)
+        mi = _dv_bound(critics, *hold_set)
+    return CriticResult(mi=mi.double().cpu().numpy(), best_step=best_step, stop_step=stop_step)
+
+
+def estimate_mi_batched(xs, ys, *, seed: int = 0, **kwargs) -> np.ndarray:
+    """MINE estimates of I(x_i; y_i) in nats, float64 numpy [m]: `train_critics(...).mi`.
+
+    xs: m matrices [n, dx_i]; ys: m matrices [n, dy_i]; see `train_critics` for the options.
+    """
+    return train_critics(xs, ys, seed=seed, **kwargs).mi
 
 
 def estimate_mi(x, y, *, seed: int = 0, **kwargs) -> float:
