@@ -64,10 +64,8 @@ def main() -> None:
     f["sd"] = se / np.sqrt(1 / n_a + 1 / n_b)
     f["d"] = f["effect"] / f["sd"]
     parts = f.groupby(["finding", "scale"])["comparison"].transform("size")
-    f["seeds_needed"] = [
-        seeds_needed(d, ALPHA / k, args.power, args.envs) for d, k in zip(f["d"], parts)
-    ]
-    f["seeds_needed"] = f["seeds_needed"].map(lambda n: f">{MAX_SEEDS}" if n is None else str(n))
+    needed = [seeds_needed(d, ALPHA / k, args.power, args.envs) for d, k in zip(f["d"], parts)]
+    f["seeds_needed"] = [f">{MAX_SEEDS}" if n is None else str(n) for n in needed]
     cols = ["finding", "scale", "comparison", "n_treatment", "n_control", "effect", "sd", "d", "verdict", "seeds_needed"]
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         print(f"seeds per group{' and env' if args.envs > 1 else ''} for {args.power:.0%} power, "

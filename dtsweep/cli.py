@@ -13,6 +13,8 @@ import os
 import sys
 from collections import Counter
 
+import yaml
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 MAX_TRIALS_TEXT = "100,000"  # dtsweep.spec.MAX_TRIALS (not imported: keeps --help instant)
@@ -46,6 +48,8 @@ def _load(path: str, storage: str | None = None, allow_large: bool = False):
 
     spec = load_spec(path)
     check_grid_size(spec, allow_large=allow_large)
+    # --storage, else $DTSWEEP_STORAGE, else the spec's own `storage:`.
+    storage = storage or os.environ.get("DTSWEEP_STORAGE") or None
     return spec.with_storage(storage) if storage else spec
 
 
@@ -238,7 +242,20 @@ def cmd_diagnose(args) -> int:
     if unknown:
         raise UserError(f"--kinds: unknown kind {unknown[0]!r}; allowed: {','.join(KINDS)}")
     _require_sweep_dir(args.sweep_dir, "checkpoints.parquet")
-    out = run_diagnostics(args.sweep_dir, kinds, options=FAST_OPTIONS if args.fast else None, address=args.address)
+    options = {kind: dict(values) for kind, values in (FAST_OPTIONS if args.fast else {}).items()}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        kind, dot, name = key.partition(".")
+        if not (sep and dot and kind in KINDS):
+            raise UserError(f"--set {item!r}: expected KIND.OPTION=VALUE with KIND one of {','.join(KINDS)}")
+        value = yaml.safe_load(raw)
+        options.setdefault(kind, {})[name] = value.split(",") if name == "depths" and isinstance(value, str) else value
+    try:
+        out = run_diagnostics(args.sweep_dir, kinds, options=options or None, address=args.address)
+    except ValueError as e:  # unknown option names, bad values: the user's input
+        if "option" not in str(e):
+            raise
+        raise UserError(f"--set: {e}") from None
     for kind, path in out.items():
         print(f"{kind:<10} {path}")
     return 0
@@ -269,19 +286,23 @@ def _require_sweep_dir(sweep_dir: str, needed: str) -> None:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dtsweep", description=__doc__.splitlines()[0])
+    from dtsweep import __version__
+
+    # `dtsweep` is the console script; `python -m dtsweep` runs the same parser.
+    p = argparse.ArgumentParser(prog="dtsweep", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"dtsweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("plan", help="list the trials of a sweep and estimate GPU-hours and storage")
     q.add_argument("sweep", help="sweep YAML file")
-    q.add_argument("--storage", help="override the spec's storage (local path or URI)")
+    q.add_argument("--storage", help="override the spec's storage (local path or URI; default: $DTSWEEP_STORAGE, else the spec's)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--allow-large", action="store_true", help=f"accept a grid of more than {MAX_TRIALS_TEXT} trials")
     q.set_defaults(func=cmd_plan)
 
     q = sub.add_parser("run", help="train every unfinished trial of a sweep (resumable)")
     q.add_argument("sweep", help="sweep YAML file")
-    q.add_argument("--storage", help="override the spec's storage; outputs land in STORAGE/<name>/")
+    q.add_argument("--storage", help="override the spec's storage (default: $DTSWEEP_STORAGE, else the spec's); outputs land in STORAGE/<name>/")
     q.add_argument("--address", help="Ray cluster address, e.g. 10.0.0.5:6379 or auto (default: RAY_ADDRESS, "
                    "else the Ray started on this machine by `ray start`, else a new local Ray)")
     q.add_argument("--retry-failed", action="store_true", help="also rerun trials recorded as failed")
@@ -326,6 +347,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.add_argument("--kinds", help="comma-separated subset of cka,mine,params,gradients,attention (default: all)")
     q.add_argument("--fast", action="store_true",
                    help="small samples and critics: a CPU smoke run in seconds per trial (MINE underestimates); not for conclusions")
+    q.add_argument("--set", action="append", metavar="KIND.OPTION=VALUE",
+                   help="override a measurement setting (dtsweep/diagnostics/job.py DEFAULT_OPTIONS), e.g. "
+                        "mine.depths=middle (MINE at the middle block only), mine.n_windows=2048; repeatable")
     q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the cluster on this node, else a local Ray)")
     q.set_defaults(func=cmd_diagnose)
 

@@ -88,7 +88,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 1024, "chunk": 256},
     "mine": {"n_windows": 4096, "hidden": 64, "layers": 3, "steps": 1000, "batch_size": 128,
              "lr": 1e-3, "eval_every": 25, "patience": 4, "eval_shuffles": 8,
-             "critics_per_call": 128, "chunk": 256},
+             "critics_per_call": 128, "chunk": 256, "depths": ["shallow", "middle", "deep"]},
     "params": {},
     "gradients": {"n_samples": None, "max_elements": None},  # None: trial batch size; by memory
     "attention": {"n_windows": 256},
@@ -323,7 +323,11 @@ def measure_mine(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict
     k = trial.context_len
     batch = ctx.windows(trial, opt["n_windows"], full=True)
     model = ctx.model(ckpts[epoch])
-    blocks = mine_blocks(model.transformer.config.n_layer)
+    # Finding 2 reads the middle block; `depths` can leave the others out to cut the cost
+    # (MINE's critics dominate diagnose: 2 × (3K − 1) per measured block).
+    blocks = {b: d for b, d in mine_blocks(model.transformer.config.n_layer).items() if d in opt["depths"]}
+    if not blocks:
+        raise ValueError(f"mine option depths={opt['depths']!r} names no block; use shallow, middle, deep")
     hidden = _forward_capturing(
         model, batch, {b: model.transformer.h[b] for b in blocks}, lambda out: out.float(), opt["chunk"]
     )  # block -> [n, 3K, H], the block's output at every token
