@@ -194,6 +194,14 @@ def f2_information(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     mine, k = M.runs_at(sweep.diag("mine"), MAIN_K)
     mid = M.mine_middle(mine)
     f.notes.append(f"K={k}; middle measured block of each condition; mean over token positions and types.")
+    # The estimator's size bounds what it can see: a reduced MINE is stated, never implied.
+    settings = [c for c in ("hidden", "n", "steps") if c in mine.columns]
+    if settings and "depth" in mine.columns:
+        first = mine.iloc[0]
+        depths = ", ".join(sorted(mine["depth"].dropna().unique()))
+        stop = f", median stop step {mine['stop_step'].median():.0f}" if "stop_step" in mine.columns else ""
+        f.notes.append(f"MINE as measured: 3-layer critics {first.get('hidden')} wide, {first.get('n')} windows, "
+                       f"at most {first.get('steps')} steps{stop}; blocks measured: {depths}.")  # fmt: skip
     for which in ("X", "Y"):
         per_trial = M.trial_scalar(mid[mid["which"] == which], "mi_nats")
         cmp.roles(f, f"I({which};T)", per_trial, "language", "none", "less")
@@ -216,6 +224,12 @@ def f4_gradients(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
     f.notes.append(f"K={k}; epoch-1 gradients; 'clipped' is the fraction of samples whose norm clipping shortened.")
     cmp.roles(f, "clipped fraction", clipped, "image", "none", "greater")
     cmp.roles(f, "clipped fraction", clipped, "image", "language", "greater")
+    if clipped["value"].nunique() == 1:
+        f.notes.append(f"every trial's clipped fraction is {clipped['value'].iloc[0]:.2f}: the measure saturates "
+                       "(per-sample gradient norms all above the clip), so the mean norm below is the informative one.")  # fmt: skip
+    norms = M.trial_scalar(grads[grads["grad_norm"].notna()], "grad_norm")
+    cmp.roles(f, "mean per-sample gradient norm", norms, "image", "none", "greater", primary=False)
+    cmp.roles(f, "mean per-sample gradient norm", norms, "image", "language", "greater", primary=False)
     try:
         conf = M.confusion(grads)
         cmp.roles(f, "confusion", conf, "language", "none", "less", primary=False)
