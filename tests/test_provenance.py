@@ -217,7 +217,7 @@ def test_provenance_columns_after_a_real_run(provenance_sweep, sources):
         assert set(versions) == {"dtsweep", "torch", "transformers", "gymnasium", "mujoco", "ray", "numpy", "pyarrow"}
         assert versions["torch"] == torch_module.__version__
         ck = pd.read_parquet(f"{spec.sweep_dir}/checkpoints.parquet")
-        meta = read_checkpoint_metadata(ck[ck.trial_id == row.trial_id].path.iloc[0])
+        meta = read_checkpoint_metadata(Store(spec.sweep_dir).resolve_rel(ck[ck.trial_id == row.trial_id].path.iloc[0]))
         assert {k: meta["provenance"][k] for k in PROVENANCE_COLUMNS} == {k: row[k] for k in PROVENANCE_COLUMNS}
     assert df.loc["d4rl"].dataset_source == str(sources["walker"])
     assert df.loc["file"].dataset_source == str(sources["hopper"])
