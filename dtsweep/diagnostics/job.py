@@ -145,10 +145,11 @@ TIMINGS_SCHEMA = pa.schema(
 # Cost model (for `plan`)
 
 # CPU seconds of one core per trial with DEFAULT_OPTIONS, measured on a ChibiT-size DT
-# (3 layers, 128 wide, K = 20, batch 64, 3 saved epochs) with benchmarks/diagnostics.py; see
+# (3 layers, 128 wide, K = 20, batch 64, 3 saved epochs) with benchmarks/diagnostics.py on a
+# shared machine (MINE: a trained quickstart checkpoint); see
 # benchmarks/README.md, "Diagnostics cost". The shapes below scale them to other sizes.
 REFERENCE_SHAPE = {"n_layer": 3, "n_embd": 128, "context_len": 20}
-REFERENCE_CPU_SECONDS = {"cka": 13.0, "mine": 100.0, "params": 0.05, "gradients": 0.7, "attention": 1.2}
+REFERENCE_CPU_SECONDS = {"cka": 7.0, "mine": 255.0, "params": 0.02, "gradients": 0.5, "attention": 1.5}
 
 
 def estimated_seconds(kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64,
