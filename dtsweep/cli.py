@@ -120,7 +120,15 @@ def cmd_run(args) -> int:
     spec = _load(args.sweep, args.storage, args.allow_large)  # before the heavy imports: spec typos fail fast
     from dtsweep.orchestrate import run_sweep
     from dtsweep.preflight import check_run
+    from dtsweep.store import Lease, Store
 
+    try:
+        store = Store(spec.sweep_dir)
+        present = store.exists()
+    except (OSError, ValueError):  # unusable storage (ArrowInvalid is a ValueError): check_run says why
+        present = False
+    if present:
+        Lease(store).check_free()  # another live run: refused at once, before the slower checks
     address = args.address or spec.ray.address or os.environ.get("RAY_ADDRESS")
     check_run(spec, address=address)  # datasets, models, storage, cluster: before any write
     summary = run_sweep(spec, address=address, retry_failed=args.retry_failed)

@@ -405,14 +405,22 @@ class Lease:
         return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "renewed_at": now, "expires_at": now + self.ttl_s}  # fmt: skip
 
-    def acquire(self) -> None:
-        """Take the lease or raise LeaseHeld naming its live holder; starts the heartbeat."""
+    def check_free(self) -> tuple[dict | None, str]:
+        """Raise LeaseHeld naming the live holder, if any; else (current record, its state).
+
+        Reads only: `run` calls it before its slower input checks, so a second `run` is
+        refused at once."""
         current = read_lease(self.store)
         state = lease_state(current)
         if state == "live":
             raise LeaseHeld(f"sweep directory {self.store.uri()} is in use by {describe_lease(current)}; "
                             "wait for that run to end (a killed driver's lease expires "
                             f"{self.ttl_s:.0f}s after its last renewal)")  # fmt: skip
+        return current, state
+
+    def acquire(self) -> None:
+        """Take the lease or raise LeaseHeld naming its live holder; starts the heartbeat."""
+        current, state = self.check_free()
         if state in ("expired", "dead"):
             why = "expired" if state == "expired" else "its driver has exited"
             self.log(f"taking over the lease of {describe_lease(current)}: {why}")

@@ -315,8 +315,9 @@ def test_sigint_stops_cleanly_second_run_refused_rerun_resumes(tmp_path, data_ca
         tmp_path / "runs",
         [
             # Long enough that it is still running when SIGINT comes on an idle machine (the
-            # second `run` below takes seconds); the rerun trains only what is left.
-            {"name": "long", "init": "random", "seed": [1], "train": {"epochs": 30, "steps_per_epoch": 150}},
+            # second `run` below is refused at once, but starting Python takes seconds); the
+            # rerun trains only what is left.
+            {"name": "long", "init": "random", "seed": [1], "train": {"epochs": 60, "steps_per_epoch": 150}},
             {"name": "later", "init": "random", "seed": [2], "train": {"epochs": 1}},
         ],
         max_concurrent_trials=1,  # "later" waits for "long": it has not started at the interrupt
