@@ -206,6 +206,9 @@ def resumed_search(tmp_path_factory, data_cache, local_ray):
     sample 1 trains, then rerun in this process to completion."""
     storage = tmp_path_factory.mktemp("runs")
     raw = search_raw(storage)
+    # Long enough epochs that sample 1, seen mid-training, is still training when it is killed
+    # (4 steps per epoch finish in milliseconds on an idle machine).
+    raw["studies"][0]["train"]["steps_per_epoch"] = 150
     spec_file = storage / "search.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
     sweep = storage / "tiny-search"
