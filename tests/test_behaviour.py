@@ -171,7 +171,10 @@ def test_train_behaviour_saves_the_evaluated_actor_and_its_card(tmp_path, one_th
     assert json.loads((tmp_path / "card.json").read_text()) == json.loads(json.dumps(card))
     policy = bh.load_behaviour_policy("hopper", tmp_path)
     returns = bh.evaluate_policy("hopper", policy, 3, card["eval"]["seed"])
-    assert returns.mean() == pytest.approx(card["eval"]["return_mean"], rel=1e-9)
+    # Same process and weights; 3 short hopper episodes of a barely trained policy. A tolerance
+    # of 1e-6 covers rounding that a different float path (saved float16 weights reloaded)
+    # could introduce, while a wrong actor or seed moves the mean by whole units.
+    assert returns.mean() == pytest.approx(card["eval"]["return_mean"], rel=1e-6)
 
 
 def test_train_behaviour_keeps_the_closest_snapshot_when_the_band_is_missed(tmp_path, one_thread):
