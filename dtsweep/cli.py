@@ -139,7 +139,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from dtsweep.orchestrate import sweep_status
+    from dtsweep.sweepdir import sweep_status
 
     try:
         st = sweep_status(args.sweep_dir)

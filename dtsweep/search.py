@@ -59,15 +59,9 @@ edited search space are kept in the file but ignored.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime as dt
-import functools
 import json
-import os
 import re
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -75,24 +69,12 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 import pandas as pd
-import pyarrow as pa
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from dtsweep.orchestrate import (
-    TUNE_DIR,
-    Ledger,
-    RunSummary,
-    compact,
-    epochs_done,
-    init_ray,
-    latest_resume_checkpoints,
-    prepare_datasets,
-    read_ledger,
-    train_trial,
-    trial_placement,
-)
+from dtsweep.cluster import ray_session
+from dtsweep.inputs import dataset_key, prepare_datasets, trial_provenance
 from dtsweep.spec import (
     SEARCHABLE,
     Objective,
@@ -101,34 +83,17 @@ from dtsweep.spec import (
     Study,
     SweepSpec,
     Trial,
-    resolved_yaml,
     search_value,
     with_search_values,
 )
-from dtsweep.store import TRIAL_COLUMNS, Store, table_from_rows, to_numpy_rows
+from dtsweep.schemas import search_schema
+from dtsweep.store import Store, table_from_rows, to_numpy_rows
+from dtsweep.sweepdir import Ledger, RunSummary, compact, epochs_done, latest_resume_checkpoints
+from dtsweep.tuning import build_tuner, fit_errors, job_config, progress_callback, run_name, train_trial
 
 SEARCH_FILE = "search.parquet"
 SWITCH = ":choice"  # Optuna name suffix of the "range or alternative" pick of an `or:` parameter
 
-SEARCH_SCHEMA = pa.schema(
-    TRIAL_COLUMNS
-    + [
-        ("group", pa.string()),
-        ("sample", pa.int64()),
-        ("status", pa.string()),  # running | finished | stopped | failed
-        ("objective", pa.float64()),
-        ("objective_epoch", pa.int64()),
-        ("metric", pa.string()),
-        ("at", pa.string()),
-        ("direction", pa.string()),
-        ("epochs_done", pa.int64()),
-        ("reused", pa.bool_()),
-        ("error", pa.string()),
-        ("updated_at", pa.timestamp("s", tz="UTC")),
-        ("params_json", pa.string()),
-    ]
-)
-_PARAM_TYPES = {float: pa.float64(), int: pa.int64(), bool: pa.bool_(), str: pa.string()}
 # Optuna trial state of each sample status that is a result (running samples are not told).
 _STATES = {"finished": TrialState.COMPLETE, "stopped": TrialState.PRUNED, "failed": TrialState.FAIL}
 
@@ -348,8 +313,7 @@ class SearchTable:
         self.write()
 
     def write(self) -> None:
-        paths = sorted({k for r in self.rows.values() for k in r if k in SEARCHABLE})
-        schema = pa.schema(list(SEARCH_SCHEMA) + [pa.field(p, _PARAM_TYPES[SEARCHABLE[p]]) for p in paths])
+        schema = search_schema({k: SEARCHABLE[k] for r in self.rows.values() for k in r if k in SEARCHABLE})
         rows = sorted(self.rows.values(), key=lambda r: (r["study"], r["group"], r["sample"]))
         self.store.write_table(SEARCH_FILE, table_from_rows(rows, schema))
 
@@ -432,6 +396,7 @@ class GroupRun:
     ledger: Ledger
     resume: dict  # trial_id -> (epoch, Tune checkpoint) of earlier runs
     has_gpu: bool
+    sources: dict  # dtsweep.inputs.dataset_key -> DatasetSource, resolved by the driver
     log: Callable
     continuing: dict  # trial_id -> sample number of an interrupted sample, queued first
     next_sample: int
@@ -450,6 +415,7 @@ class GroupRun:
         self.table.put(sample_row(self.group, sample, raw, trial, "running", reused=reuse))
         if not reuse or tid not in self.ledger.rows:  # a reused trial keeps its row (maybe a grid study's)
             self.ledger.trials[tid] = trial
+            self.ledger.set_provenance(trial_provenance([trial], self.sources))
             self.ledger.set(tid, "finished" if reuse else "running")
         self.live[tid] = sample
         self.by_tune[tune_id] = (sample, raw, trial)
@@ -457,13 +423,9 @@ class GroupRun:
         self.started += 1
         values = " ".join(f"{p.path}={_fmt(p.path, search_value(trial, p.path))}" for p in self.group.study.search.parameters)
         self.log(f"  sample {sample} -> trial {tid}{' (already trained: reused)' if reuse else ''}: {values}")
-        d = trial.to_dict()
-        if not self.has_gpu:
-            d["resources"]["gpu"] = 0.0
-        job = {"trial_id": tid, "trial": d, "sweep_dir": self.store.uri(), "reuse": reuse}
-        if tid in self.resume and not reuse:
-            job["resume_from"] = self.resume[tid][1]
-        return {"job": job}
+        resume = self.resume.get(tid, (None, None))[1] if not reuse else None
+        source = self.sources[dataset_key(trial)]
+        return job_config(trial, self.store, has_gpu=self.has_gpu, dataset=source.to_dict(), resume_from=resume, reuse=reuse)
 
     def finish(self, tune_id: str, error: bool) -> dict:
         """Score a sample Tune is done with; returns its search.parquet row (with `intermediate`)."""
@@ -539,71 +501,38 @@ def _searcher_class():
     return GroupSearch
 
 
-def _progress_callback(label: str):
-    """A tune.Callback printing each sample's epochs on stderr, like the grid's progress."""
-    from ray import tune
-
-    class Progress(tune.Callback):
-        def __init__(self):
-            self.t0 = time.time()
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            score = result.get("normalized_score")
-            s = f" score {score:.1f}" if isinstance(score, float) else ""
-            el = time.time() - self.t0
-            tid = trial.config["job"]["trial_id"]
-            print(f"[dtsweep {el:6.0f}s] {label} {tid} epoch {result.get('epoch')}{s}", file=sys.stderr, flush=True)
-
-    return Progress()
-
-
 # --------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------
 
 
-def run_with_searches(spec: SweepSpec, *, address: str | None = None, retry_failed: bool = False, log=print) -> RunSummary:
-    """Run a sweep with search studies: its grid studies first (`run_sweep`), then every
-    search group. Idempotent and resumable, like `run_sweep`; returns counts where each
-    sample counts as a trial (total = the grid's trials + num_samples per group)."""
-    from dtsweep.orchestrate import run_sweep
-
-    store = Store(spec.sweep_dir)
-    store.check_writable()
-    grid_studies = tuple(st for st in spec.studies if st.search is None)
-    if grid_studies:
-        summary = run_sweep(dataclasses.replace(spec, studies=grid_studies), address=address, retry_failed=retry_failed, log=log)
-    else:
-        if not store.exists("sweep.yaml") or store.read_bytes("sweep.yaml").decode() != resolved_yaml(spec):
-            store.write_bytes("sweep.yaml", resolved_yaml(spec).encode())
-        summary = RunSummary(store.uri(), 0, 0, 0, 0, 0)
-
+def run_searches(spec: SweepSpec, store: Store, ledger: Ledger, *, address: str | None = None,
+                 retry_failed: bool = False, log=print) -> RunSummary:  # fmt: skip
+    """Run every search group of `spec` (called by `dtsweep.orchestrate.run_sweep`, which holds
+    the lease and ran the grid studies). Returns counts where each sample counts as a trial
+    (total = num_samples per group)."""
     groups = search_groups(spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = SearchTable(store)
     plans = [(g, *_plan_group(g, store, table, retry_failed, log)) for g in groups]
     todo = [p for p in plans if p[3] > 0]
+    for row in table.rows.values():  # a sample ASHA stopped stays stopped, whatever its trial's row says
+        if row["status"] == "stopped" and ledger.rows.get(row["trial_id"], {}).get("status") == "pending":
+            ledger.rows[row["trial_id"]]["status"] = "stopped"
     ran = 0
     if todo:
         import ray
 
-        prepare_datasets([g.base for g, *_ in todo])
-        ledger = _ledger(store, table)
-        started_here = not ray.is_initialized()
-        if started_here:
-            init_ray(address or spec.ray.address, num_cpus=spec.ray.num_cpus)
-        try:
+        sources = prepare_datasets([g.base for g, *_ in todo], log=log)
+        with ray_session(address, num_cpus=spec.ray.num_cpus):
             has_gpu = ray.cluster_resources().get("GPU", 0) > 0
             for group, history, continuing, remaining in todo:
-                ran += _fit_group(spec, group, history, continuing, remaining, store, table, ledger, has_gpu, log)
+                ran += _fit_group(spec, group, history, continuing, remaining, store, table, ledger, has_gpu, sources, log)
                 _report_best(store, group, table.group_rows(group), log)
-        finally:
-            if started_here:
-                ray.shutdown()
     for group, *_ in plans:
         if all(group is not g for g, *_ in todo):
             _report_best(store, group, table.group_rows(group), log)
-    if ran or not store.exists("metrics.parquet") or not store.exists("checkpoints.parquet"):
+    if ran:
         compact(store)
 
     total = skipped = finished = failed = 0
@@ -613,22 +542,7 @@ def run_with_searches(spec: SweepSpec, *, address: str | None = None, retry_fail
         skipped += len(history)
         finished += sum(r["status"] == "finished" for r in rows)
         failed += sum(r["status"] == "failed" for r in rows)
-    return RunSummary(
-        store.uri(), summary.total + total, summary.skipped + skipped, summary.ran + ran,
-        summary.finished + finished, summary.failed + failed,
-    )  # fmt: skip
-
-
-def _ledger(store: Store, table: SearchTable) -> Ledger:
-    """The sweep's ledger with every trial it lists passed in, so that each row is rebuilt
-    from its trial (Ledger keeps unlisted rows as read by pandas, whose NaN in the nullable
-    integer column swap_block cannot be written back); "stopped" is Ledger's "pending"."""
-    listed = read_ledger(store)["config_json"]
-    ledger = Ledger(store, [Trial.from_dict(json.loads(c)) for c in listed])
-    for row in table.rows.values():
-        if row["status"] == "stopped" and ledger.rows.get(row["trial_id"], {}).get("status") == "pending":
-            ledger.rows[row["trial_id"]]["status"] = "stopped"
-    return ledger
+    return RunSummary(store.uri(), total, skipped, ran, finished, failed)
 
 
 def _plan_group(group: Group, store: Store, table: SearchTable, retry_failed: bool, log) -> tuple[list, dict, int]:
@@ -662,13 +576,12 @@ def _plan_group(group: Group, store: Store, table: SearchTable, retry_failed: bo
     return history, continuing, max(remaining, 0) + len(continuing)
 
 
-def _fit_group(spec, group: Group, history, continuing, n_run, store, table, ledger, has_gpu, log) -> int:
+def _fit_group(spec, group: Group, history, continuing, n_run, store, table, ledger, has_gpu, sources, log) -> int:
     """Run `n_run` samples of one group (the continuing ones first) as one Tune experiment.
 
     Returns the number of samples started. Raises KeyboardInterrupt if Tune stopped
     with samples still running (Ctrl-C): they continue on the next run.
     """
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -680,7 +593,7 @@ def _fit_group(spec, group: Group, history, continuing, n_run, store, table, led
         study.enqueue_trial(params_of[s])
     run = GroupRun(
         group=group, store=store, table=table, ledger=ledger, resume=latest_resume_checkpoints(store),
-        has_gpu=has_gpu, log=log, continuing=dict(continuing),
+        has_gpu=has_gpu, sources=sources, log=log, continuing=dict(continuing),
         next_sample=1 + max((r["sample"] for r in table.group_rows(group)), default=-1),
     )  # fmt: skip
     obj = cfg.objective
@@ -698,35 +611,17 @@ def _fit_group(spec, group: Group, history, continuing, n_run, store, table, led
             grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor,
         )  # fmt: skip
 
-    tuner = tune.Tuner(
-        tune.with_resources(search_trial, functools.partial(trial_placement, has_gpu=has_gpu)),
-        tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency),
-            scheduler=scheduler,
-            num_samples=n_run,
-            # A sample's worker stays for the next sample (same resources): importing torch
-            # and building the data in a fresh worker costs more than a small sample's training.
-            reuse_actors=True,
-            trial_name_creator=lambda tr: tr.config["job"]["trial_id"],
-            trial_dirname_creator=lambda tr: tr.config["job"]["trial_id"],
-        ),
-        run_config=tune.RunConfig(
-            # Unique per run: a rerun seconds after a killed driver must not reuse its directory.
-            name=f"search-{group.study.name}-{group.key}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.urandom(2).hex()}",
-            storage_path=store.uri(TUNE_DIR),
-            failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_progress_callback(label)],
-            verbose=0,
-        ),
-    )
-    with _results_may_lack_metric():
-        results = tuner.fit()
+    tuner = build_tuner(
+        search_trial, spec=spec, store=store, name=run_name(f"search-{group.study.name}-{group.key}"),
+        has_gpu=has_gpu, callbacks=[progress_callback(n_total=n_run, n_done=0, work_epochs=n_run * group.base.epochs, label=label)],
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency), scheduler=scheduler, num_samples=n_run,
+        # A sample's worker stays for the next sample (same resources): importing torch
+        # and building the data in a fresh worker costs more than a small sample's training.
+        reuse_actors=True,
+    )  # fmt: skip
     # Error lines for the failed samples of this run (the searcher only learns "error").
-    for res in results:
-        if res.config and res.error is not None:
-            tid = res.config["job"]["trial_id"]
-            msg = f"{type(res.error).__name__}: {res.error}".splitlines()[0][:500]
+    for tid, msg in fit_errors(tuner.fit()).items():
+        if msg is not None:
             key = (group.study.name, group.key, run.ran[tid])
             table.put({**table.rows[key], "error": msg})
             ledger.set(tid, "failed", msg)
@@ -734,22 +629,6 @@ def _fit_group(spec, group: Group, history, continuing, n_run, store, table, led
         log(f"{label}: interrupted with {len(run.live)} samples running; run the same command again to continue")
         raise KeyboardInterrupt
     return run.started
-
-
-@contextlib.contextmanager
-def _results_may_lack_metric():
-    """Epoch 0 (before training) has no evaluation, so its result lacks normalized_score.
-    ASHA skips such results (it acts only on results with its metric), but Tune's strict
-    check would fail the trial; the check reads this variable in the driver, per result."""
-    old = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-        else:
-            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = old
 
 
 def best_study(group: Group, row: dict) -> dict:

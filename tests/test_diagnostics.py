@@ -437,7 +437,7 @@ JOB_OPTIONS = {
 @pytest.fixture(scope="module")
 def trained_sweep(tmp_path_factory, data_cache):
     """Two trained trials written by the real TrialRunner, ledger and compaction (no Tune)."""
-    from dtsweep.orchestrate import Ledger, compact
+    from dtsweep.sweepdir import Ledger, compact
     from dtsweep.spec import parse_spec
     from dtsweep.store import Store
     from dtsweep.train.loop import TrialRunner

@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from dtsweep.cli import main
-from dtsweep.orchestrate import epochs_done, latest_resume_checkpoints, run_sweep, sweep_status
+from dtsweep.orchestrate import run_sweep
+from dtsweep.sweepdir import epochs_done, latest_resume_checkpoints, sweep_status
 from dtsweep.spec import parse_spec
 from dtsweep.store import Store, load_checkpoint, sha256_file
 

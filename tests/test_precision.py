@@ -65,7 +65,7 @@ def test_trains_and_resumes(precision, compile_, data_cache, tmp_path, monkeypat
     buf = io.BytesIO()
     torch.save(runner.resume_state(), buf)
     buf.seek(0)
-    state = torch.load(buf, weights_only=True, map_location="cpu")  # as orchestrate.train_trial loads it
+    state = torch.load(buf, weights_only=True, map_location="cpu")  # as tuning.train_trial loads it
     assert "cuda_rng" not in state  # a CPU trial has no CUDA generator to save
 
     second = runner.train_epoch()

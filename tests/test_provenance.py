@@ -33,9 +33,11 @@ from dtsweep.data import (
 )
 from dtsweep.models import ASSET_INITS, init_family, init_source
 from dtsweep.models.backbones import ASSETS_DIR
-from dtsweep.orchestrate import run_sweep, sweep_status
+from dtsweep.orchestrate import run_sweep
+from dtsweep.sweepdir import sweep_status
 from dtsweep.spec import SpecError, parse_spec
-from dtsweep.store import PROVENANCE_COLUMNS, TRIALS_SCHEMA, Store, read_checkpoint_metadata, table_from_rows
+from dtsweep.schemas import PROVENANCE_COLUMNS, TRIALS_SCHEMA
+from dtsweep.store import Store, read_checkpoint_metadata, table_from_rows
 from dtsweep.train import TrialRunner
 
 torch.set_num_threads(1)

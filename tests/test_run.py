@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from dtsweep.models import DecisionTransformer
-from dtsweep.orchestrate import run_sweep, sweep_status
+from dtsweep.orchestrate import run_sweep
+from dtsweep.sweepdir import sweep_status
 from dtsweep.spec import parse_spec
 from dtsweep.store import Store, load_checkpoint, read_checkpoint_metadata, sha256_file
 

@@ -191,13 +191,10 @@ def _sample_mid_training(sweep: Path, sample: int) -> tuple[str, int] | None:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for this file's in-process runs (run_sweep uses a running Ray as is)."""
-    import ray
+    from dtsweep.cluster import ray_session
 
-    from dtsweep.orchestrate import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +290,7 @@ def test_samples_write_the_grid_outputs_and_their_objective(resumed_search):
 
 
 def test_best_fragment_is_a_grid_study_of_the_best_sample(resumed_search):
-    sweep, spec = resumed_search["sweep"], resumed_search["spec"]
+    sweep = resumed_search["sweep"]
     search = pd.read_parquet(sweep / "search.parquet")
     best = search.loc[search["objective"].idxmax()]
     (fragment,) = (sweep / "search" / "clip").glob("best_*.yaml")

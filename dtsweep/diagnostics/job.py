@@ -68,7 +68,8 @@ from dtsweep.diagnostics.mine import train_critics
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
 from dtsweep.models import FREEZE, DecisionTransformer
 from dtsweep.spec import Trial
-from dtsweep.store import TRIAL_COLUMNS, Store, load_checkpoint, read_checkpoint_metadata, table_from_rows
+from dtsweep.schemas import TRIAL_COLUMNS
+from dtsweep.store import Store, load_checkpoint, read_checkpoint_metadata, table_from_rows
 
 KINDS = ("cka", "mine", "params", "gradients", "attention")
 WINDOW_SEED = 54321  # the windows every diagnostic measures on (per dataset and K)
@@ -634,7 +635,7 @@ def run_diagnostics(
     """
     import ray
 
-    from dtsweep.orchestrate import init_ray
+    from dtsweep.cluster import ray_session
 
     kinds = tuple(kinds or KINDS)
     bad = sorted(set(kinds) - set(KINDS))
@@ -649,10 +650,7 @@ def run_diagnostics(
 
     statuses: list[dict] = []
     if work.todo:
-        started_here = not ray.is_initialized()
-        if started_here:
-            init_ray(address, num_cpus=num_cpus)
-        try:
+        with ray_session(address, num_cpus=num_cpus):
             resources = ray.cluster_resources()
             gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
             per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
@@ -669,9 +667,6 @@ def run_diagnostics(
             for status in ds.iter_rows():
                 statuses.append(dict(status))
                 log(_progress_line(status, len(statuses), len(work.todo), time.perf_counter() - t0))
-        finally:
-            if started_here:
-                ray.shutdown()
         _write_timings(store, statuses)
 
     out = {kind: _compact(store, kind) for kind in kinds}

@@ -1,7 +1,7 @@
 """One trial, top to bottom: data prepared once, model built from the seed, epochs of
 training, batched evaluation, metrics rows and analysis checkpoints.
 
-This module knows nothing about Ray: `orchestrate.py` wraps `TrialRunner` in a Tune
+This module knows nothing about Ray: `tuning.py` wraps `TrialRunner` in a Tune
 trainable and turns `resume_state()` into Tune checkpoints. The runner writes its own
 outputs into the sweep directory (`Store`):
 
@@ -52,7 +52,8 @@ from dtsweep.models import (
     init_source,
 )
 from dtsweep.spec import Trial
-from dtsweep.store import CHECKPOINTS_SCHEMA, METRICS_SCHEMA, Store, table_from_rows, write_checkpoint
+from dtsweep.schemas import CHECKPOINTS_SCHEMA, METRICS_SCHEMA
+from dtsweep.store import Store, table_from_rows, write_checkpoint
 from dtsweep.train.evaluate import evaluate_episodes, make_envs
 
 # The action-error probe is the same fixed windows for every seed of a dataset, so curves
