@@ -215,18 +215,6 @@ def _check_data_make(name: str, steps: int, seed: int, out: str) -> None:
         raise UserError(f"data make: --out {out} cannot be written: {e.strerror or e} ({ancestor})") from None
 
 
-def cmd_data_train_behaviour(args) -> int:
-    from dtsweep.data import behaviour
-
-    # Options left out come from the env's recipe in behaviour.RECIPES (the shipped actors' settings).
-    argv = ["train", args.env]
-    for flag, value in (("--seed", args.seed), ("--max-steps", args.max_steps), ("--out-dir", args.out_dir)):
-        if value is not None:
-            argv += [flag, str(value)]
-    behaviour.main(argv, command="python -m dtsweep data " + " ".join(["train-behaviour", *argv[1:]]))
-    return 0
-
-
 # ---- assets, diagnostics, report
 
 
@@ -330,25 +318,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="output .hdf5 path")
     q.set_defaults(func=cmd_data_make)
-    q = dsub.add_parser("train-behaviour", help="train the SAC behaviour policy behind ENV-medium (tens of minutes)")
-    q.add_argument("env", help="hopper, halfcheetah or walker2d")
-    q.add_argument("--seed", type=int, help="default: the env's recipe")
-    q.add_argument("--max-steps", type=int, help="default: the env's recipe")
-    q.add_argument("--out-dir", help="default: the package's asset folder")
-    q.set_defaults(func=cmd_data_train_behaviour)
 
     q = sub.add_parser("assets", help="list the pretrained models and behaviour policies shipped in the package")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_assets)
 
+    q = sub.add_parser("pretrain", help="make an offline asset: a small GPT-2 (language or image) or a behaviour policy")
     if argv[:1] == ["pretrain"]:
         # Its flags come from the pretraining configs, which import torch and transformers:
         # only pay for that when pretraining, so typos in other commands fail in a blink.
         from dtsweep.pretrain import add_arguments as add_pretrain_arguments
 
-        add_pretrain_arguments(sub)
-    else:
-        sub.add_parser("pretrain", help="pretrain a small GPT-2 offline (language or image)")
+        add_pretrain_arguments(q)
 
     q = sub.add_parser("diagnose", help="Ray Data job: every diagnostic of the sweep's checkpoints -> diagnostics/*.parquet")
     q.add_argument("sweep_dir")

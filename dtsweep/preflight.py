@@ -132,7 +132,7 @@ def _check_behaviour_policy(name: str, env: str, quality: str) -> None:
     if not actor.is_file():
         raise PreflightError(
             f"dataset {name!r} is generated with the behaviour policy {actor}, which is missing; "
-            f"train it with `python -m dtsweep data train-behaviour {env}` or put D4RL's "
+            f"train it with `dtsweep pretrain behaviour {env}` or put D4RL's "
             f"{d4rl_file_name(name)} in {d4rl_dir()}"
         )
 

@@ -59,7 +59,7 @@ class Dropout:
 
 @dataclass(frozen=True)
 class KMeansCosine:
-    """Reid et al.'s cosine loss to k-means centres of the language embeddings (dtsweep.aux).
+    """Reid et al.'s cosine loss to k-means centres of the language embeddings (dtsweep.train.auxiliary).
 
     The term λ1(step) · L_cos joins the loss, λ1(step) = weight · anneal(step, anneal_steps).
     """
@@ -71,7 +71,7 @@ class KMeansCosine:
 
 @dataclass(frozen=True)
 class LMCotrain:
-    """Reid et al.'s language-model co-training (dtsweep.aux): λ2(step) · L_LM joins the loss."""
+    """Reid et al.'s language-model co-training (dtsweep.train.auxiliary): λ2(step) · L_LM joins the loss."""
 
     weight: float = 0.2  # λ2 before annealing (Reid tuned 0, 0.2 and 0.4)
     anneal_steps: int = 5000

@@ -1,4 +1,4 @@
-"""Reid et al.'s auxiliary objectives (dtsweep.aux) on real tiny models and the real offline
+"""Reid et al.'s auxiliary objectives (dtsweep.train.auxiliary) on real tiny models and the real offline
 corpus: the cosine loss against a direct computation and within memory, the anneal, k-means
 and its cache, and LM co-training as the language model's own loss."""
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dtsweep import aux
-from dtsweep.aux import (
+from dtsweep.train import auxiliary as aux
+from dtsweep.train.auxiliary import (
     AuxiliaryObjectives,
     LanguageCotraining,
     anneal,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dtsweep.data import behaviour as bh
+from dtsweep.pretrain import behaviour as sac
 from dtsweep.data.d4rl import (
     D4RL_DTYPES, D4RL_KEYS, make_dataset, read_d4rl_hdf5, read_dataset_card,
 )
@@ -97,12 +98,12 @@ def test_card_score_is_reproduced_by_the_saved_weights(env):
 
 def test_numpy_policy_is_the_torch_actor_with_float16_weights():
     torch.manual_seed(0)
-    actor = bh.Actor(11, 3, (32, 32))
-    weights = bh.export_actor(actor)
+    actor = sac.Actor(11, 3, (32, 32))
+    weights = sac.export_actor(actor)
     policy = bh.NumpyPolicy(weights)
     obs = np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32)
 
-    rounded = bh.Actor(11, 3, (32, 32))
+    rounded = sac.Actor(11, 3, (32, 32))
     rounded.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in weights.items()})
     with torch.no_grad():
         mean, log_std = rounded.head(rounded.trunk(torch.from_numpy(obs))).chunk(2, dim=-1)
@@ -113,7 +114,7 @@ def test_numpy_policy_is_the_torch_actor_with_float16_weights():
 
 def test_actor_log_prob_is_the_tanh_gaussian_density():
     torch.manual_seed(0)
-    actor = bh.Actor(4, 2, (16,))
+    actor = sac.Actor(4, 2, (16,))
     obs = torch.randn(6, 4)
     torch.manual_seed(1)
     action, log_prob = actor(obs)
@@ -129,10 +130,10 @@ def test_actor_log_prob_is_the_tanh_gaussian_density():
 
 def test_sac_updates_on_real_transitions_change_every_network(one_thread):
     env = gym.make("Hopper-v5")
-    cfg = bh.SACConfig(hidden=(32, 32), batch_size=64)
+    cfg = sac.SACConfig(hidden=(32, 32), batch_size=64)
     torch.manual_seed(0)
-    agent = bh.SAC(11, 3, cfg)
-    buffer = bh.ReplayBuffer(11, 3, 400, seed=0)
+    agent = sac.SAC(11, 3, cfg)
+    buffer = sac.ReplayBuffer(11, 3, 400, seed=0)
     rng = np.random.default_rng(0)
     obs, _ = env.reset(seed=0)
     for _ in range(400):
@@ -160,9 +161,9 @@ def test_sac_updates_on_real_transitions_change_every_network(one_thread):
 
 
 def test_train_behaviour_saves_the_evaluated_actor_and_its_card(tmp_path, one_thread):
-    cfg = bh.SACConfig(hidden=(32, 32), batch_size=64, start_steps=200, eval_every=150,
+    cfg = sac.SACConfig(hidden=(32, 32), batch_size=64, start_steps=200, eval_every=150,
                        eval_episodes=2, confirm_episodes=3)
-    card = bh.train_behaviour("hopper", seed=1, target_band=(-1e9, 1e9), max_steps=1000,
+    card = sac.train_behaviour("hopper", seed=1, target_band=(-1e9, 1e9), max_steps=1000,
                               config=cfg, out_dir=tmp_path, log=lambda s: None)
 
     # The wide band is hit at the first evaluation after the random warm-up (step 300).
@@ -178,9 +179,9 @@ def test_train_behaviour_saves_the_evaluated_actor_and_its_card(tmp_path, one_th
 
 
 def test_train_behaviour_keeps_the_closest_snapshot_when_the_band_is_missed(tmp_path, one_thread):
-    cfg = bh.SACConfig(hidden=(16,), batch_size=32, start_steps=100, eval_every=100,
+    cfg = sac.SACConfig(hidden=(16,), batch_size=32, start_steps=100, eval_every=100,
                        eval_episodes=2)
-    card = bh.train_behaviour("hopper", target_band=(1e6, 2e6), max_steps=300, config=cfg,
+    card = sac.train_behaviour("hopper", target_band=(1e6, 2e6), max_steps=300, config=cfg,
                               out_dir=tmp_path, log=lambda s: None)
     assert card["in_band"] is False and card["training_steps"] in (200, 300)
     assert bh.load_behaviour_card("hopper", tmp_path) == json.loads(json.dumps(card))
@@ -191,12 +192,14 @@ def test_train_behaviour_keeps_the_closest_snapshot_when_the_band_is_missed(tmp_
 
 
 def test_cli_fills_unset_options_from_the_env_recipe(tmp_path):
+    from dtsweep.cli import main
+
     # hopper's recipe evaluates every 1000 steps; 300 steps end before the first evaluation.
     with pytest.raises(ValueError, match=r"start_steps=5000, eval_every=1000"):
-        bh.main(["train", "hopper", "--max-steps", "300", "--out-dir", str(tmp_path)])
+        main(["pretrain", "behaviour", "hopper", "--max-steps", "300", "--out-dir", str(tmp_path)])
     with pytest.raises(ValueError, match=r"eval_every=7"):
-        bh.main(["train", "hopper", "--max-steps", "300", "--eval-every", "7",
-                 "--out-dir", str(tmp_path)])
+        main(["pretrain", "behaviour", "hopper", "--max-steps", "300", "--eval-every", "7",
+              "--out-dir", str(tmp_path)])
 
 
 def test_unknown_env_is_rejected():

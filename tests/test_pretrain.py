@@ -185,7 +185,7 @@ def test_wikitext_without_datasets_says_how_to_get_it(tmp_path):
 
 def test_cli_arguments_build_configs():
     parser = argparse.ArgumentParser()
-    add_arguments(parser.add_subparsers(dest="command"))
+    add_arguments(parser.add_subparsers(dest="command").add_parser("pretrain"))
     args = parser.parse_args(["pretrain", "language", "--out", "x", "--steps", "5", "--corpus", "news"])
     assert config_from_args(LanguageConfig, args) == LanguageConfig(steps=5) and args.func is language.main
     args = parser.parse_args(["pretrain", "image", "--out", "y", "--n-colors", "8", "--max-minutes", "1.5"])

@@ -20,7 +20,7 @@ Every init resolves to a `transformers.GPT2Model` with float32 weights:
 Two things differ from the checkpoints as published, on purpose:
 - the token embedding `wte` is dropped (replaced by a 1-row table, vocab_size=1): the DT feeds
   `inputs_embeds` and never reads it, and it would add 38.6M dead parameters to GPT-2's
-  checkpoints and parameter counts. Reid's auxiliary objectives (dtsweep.aux) need the table:
+  checkpoints and parameter counts. Reid's auxiliary objectives (dtsweep.train.auxiliary) need the table:
   `token_table(init)` reads it from the source model;
 - the dropout rates are the DT's (default resid 0.2, attn 0.1, embd 0.1), not the checkpoint's.
 
@@ -324,7 +324,7 @@ def load_source(init: str):
     """The pretrained model an init names, as published: a GPT2Model, ImageGPTModel or
     CLIPTextModel (float32, token embedding included), loaded without an RNG side effect.
     The DT backbone is built from it (`build_backbone`); Reid's auxiliary objectives read its
-    token table (dtsweep.aux)."""
+    token table (dtsweep.train.auxiliary)."""
     path = _init_dir(init)
     if path is None:
         if init not in HUB_INITS:

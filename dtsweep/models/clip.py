@@ -13,7 +13,7 @@ So the weights map one to one and the mapping is exact (equal outputs up to floa
 
     CLIPTextModel                                   GPT2Model
     embeddings.token_embedding      [V, H]          dropped (wte has 1 row; the DT feeds
-                                                    inputs_embeds); dtsweep.aux reads it from
+                                                    inputs_embeds); dtsweep.train.auxiliary reads it from
                                                     the source model when it needs it
     embeddings.position_embedding   [77, H]         wpe (n_positions = 77)
     encoder.layers.i.layer_norm1                    h.i.ln_1

@@ -100,7 +100,7 @@ class DTOutput:
     token_embeddings: [B, 3K, H] the return/state/action embeddings after `embed_ln`, before
                    the timestep embedding is added ("after_ln"; with "before_ln" the timestep
                    is inside the LayerNorm's input): what Reid's cosine loss compares with
-                   the language embeddings (`dtsweep.aux`).
+                   the language embeddings (`dtsweep.train.auxiliary`).
     hidden_states: with output_hidden_states, n_layer + 1 tensors [B, 3K, H]: the input of
                    block 0 (embeddings after embd dropout), then each block's output, the last
                    one after ln_f; else None.

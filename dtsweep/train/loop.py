@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from transformers.activations import NewGELUActivation
 
-from dtsweep.aux import build_auxiliary
+from dtsweep.train.auxiliary import build_auxiliary
 from dtsweep.data import (
     DatasetError,
     DatasetNotFoundError,
@@ -270,7 +270,7 @@ class TrialRunner:
             extend_positions=tc.extend_positions,
             freeze=tc.freeze,
         ).to(self.device)
-        # Reid et al.'s auxiliary objectives (dtsweep.aux); None when the trial has none.
+        # Reid et al.'s auxiliary objectives (dtsweep.train.auxiliary); None when the trial has none.
         self.aux = build_auxiliary(trial.init, tc.aux, seed=trial.seed)
         if self.aux is not None:
             self.aux.to(self.device)
