@@ -35,6 +35,7 @@ _USER_ERROR_CLASSES = (
     ("dtsweep.models.backbones", "InitError"),
     ("dtsweep.store", "LeaseHeld"),
     ("dtsweep.store", "StorageError"),
+    ("dtsweep.cluster", "NoGpuError"),
 )
 
 

@@ -1,10 +1,48 @@
-"""Connecting to Ray: the one place run, search and diagnose start or join a cluster."""
+"""Connecting to Ray: the one place run, search and diagnose start or join a cluster, and
+the one place that decides whether trials get the GPUs their spec asks for."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+
+# Set by ray_session: True while connected to a Ray it started itself on this machine.
+_STARTED_LOCAL = False
+
+
+class NoGpuError(RuntimeError):
+    """The spec asks for GPUs and the cluster has none (a user-fixable problem: one line, exit 2)."""
+
+
+def use_gpus(setting: str, wants_gpu: bool, log=print) -> bool:
+    """Whether trials keep their GPU requests (resources.gpu), per the spec's `ray.gpu` setting.
+
+    Never downgrades silently: on a cluster whose GPU nodes have not started yet (an
+    autoscaling cluster right after `ray up`) every trial asking for CPUs only would see every
+    GPU of its node and pile onto cuda:0. "auto" therefore keeps the requests when the
+    cluster has GPUs, runs on CPU with a notice on a Ray that ray_session started on a machine
+    without GPUs, and raises NoGpuError on a joined cluster without GPUs; "on" keeps them
+    (trials wait for GPU nodes); "off" drops them. Call inside ray_session.
+    """
+    import ray
+
+    if not wants_gpu or setting == "off":
+        return False
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if setting == "on":
+        if not has_gpu:
+            log("ray.gpu: on and no GPU in the cluster yet: trials wait for GPU nodes (autoscaler)")
+        return True
+    if has_gpu:
+        return True
+    if _STARTED_LOCAL:
+        log("no GPU on this machine: trials run on CPU (ray.gpu: auto; `off` says so quietly, `on` waits for GPUs)")
+        return False
+    raise NoGpuError(
+        "the spec asks for GPUs (resources.gpu) but the Ray cluster has none now; set `ray: {gpu: on}` "
+        "to wait for GPU nodes an autoscaler will start, or `ray: {gpu: off}` to run on CPUs"
+    )
 
 
 @contextlib.contextmanager
@@ -18,6 +56,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     """
     import ray
 
+    global _STARTED_LOCAL
     if ray.is_initialized():
         yield
         return
@@ -33,7 +72,13 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
             if num_cpus is None:
                 raise
             ray.init(**kwargs)
+    # A Ray this process started (not a cluster it joined) has only this machine's resources.
+    # Ray's public API does not say which happened; its driver's node object does (head=True
+    # when ray.init started the head here).
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    _STARTED_LOCAL = not address and node is not None and node.is_head()
     try:
         yield
     finally:
+        _STARTED_LOCAL = False
         ray.shutdown()

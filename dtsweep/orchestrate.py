@@ -9,7 +9,7 @@ interrupted. Below it: `dtsweep.tuning` (the trainable, the Tuner, progress line
 
 from __future__ import annotations
 
-from dtsweep.cluster import ray_session
+from dtsweep.cluster import ray_session, use_gpus
 from dtsweep.inputs import dataset_key, prepare_datasets, trial_provenance
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import Lease, Store
@@ -104,10 +104,9 @@ def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_f
 def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, sources: dict, *,
               n_total: int, n_done: int, log) -> dict[str, str | None]:  # fmt: skip
     """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine)."""
-    import ray
     from ray import tune
 
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    has_gpu = use_gpus(spec.ray.gpu, any(t.resources.gpu > 0 for t in todo), log=log)
     resume = latest_resume_checkpoints(store)
     configs = []
     for t in todo:

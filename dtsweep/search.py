@@ -73,7 +73,7 @@ import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from dtsweep.cluster import ray_session
+from dtsweep.cluster import ray_session, use_gpus
 from dtsweep.inputs import dataset_key, prepare_datasets, trial_provenance
 from dtsweep.spec import (
     SEARCHABLE,
@@ -521,11 +521,9 @@ def run_searches(spec: SweepSpec, store: Store, ledger: Ledger, *, address: str 
             ledger.rows[row["trial_id"]]["status"] = "stopped"
     ran = 0
     if todo:
-        import ray
-
         sources = prepare_datasets([g.base for g, *_ in todo], log=log)
         with ray_session(address, num_cpus=spec.ray.num_cpus):
-            has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+            has_gpu = use_gpus(spec.ray.gpu, any(g.base.resources.gpu > 0 for g, *_ in todo), log=log)
             for group, history, continuing, remaining in todo:
                 ran += _fit_group(spec, group, history, continuing, remaining, store, table, ledger, has_gpu, sources, log)
                 _report_best(store, group, table.group_rows(group), log)

@@ -148,12 +148,20 @@ class Resources:
     gpu: float = 0.0
 
 
+GPU_SETTINGS = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS or a local Ray
     num_cpus: int | None = None  # local Ray only
     max_concurrent_trials: int | None = None
     max_failures: int = 2  # retries of a trial after an error or a lost node
+    # GPU requests (resources.gpu) on a cluster: "auto" keeps them when the cluster has GPUs,
+    # runs on CPU (saying so) on a local Ray without GPUs, and refuses a joined cluster
+    # without GPUs; "on" keeps them always (trials wait for autoscaled GPU nodes); "off" runs
+    # every trial on CPU. dtsweep.cluster.use_gpus decides.
+    gpu: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -1019,10 +1027,19 @@ def parse_spec(raw: Any) -> SweepSpec:
         if ray_cfg.get("max_concurrent_trials") is None
         else _int(ray_cfg["max_concurrent_trials"], "ray.max_concurrent_trials", 1),
         max_failures=_int(ray_cfg.get("max_failures", 2), "ray.max_failures", 0),
+        gpu=_gpu_setting(ray_cfg.get("gpu", "auto")),
     )
     spec = SweepSpec(name=name, storage=storage, studies=studies, resources=resources, ray=ray, source=raw)
     _check_swap_depths(spec)
     return spec
+
+
+def _gpu_setting(v: Any) -> str:
+    # YAML reads a bare on/off as a boolean.
+    v = {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+    if v not in GPU_SETTINGS:
+        raise _fail("ray.gpu", v, " | ".join(GPU_SETTINGS))
+    return v
 
 
 def _opt_str(v: Any, path: str) -> str | None:

@@ -38,8 +38,11 @@ def train_trial(config: dict) -> None:
     job = config["job"]
     trial = Trial.from_dict(job["trial"])
     set_threads_for_trial(trial.resources.cpu)
+    # Only a trial Ray gave a GPU share may use one: a CPU-only trial on a GPU node sees every
+    # GPU of the node (Ray sets no CUDA_VISIBLE_DEVICES for it) and would crowd cuda:0.
+    device = torch.device("cuda" if trial.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
     # The driver resolved the dataset once (inputs.prepare_datasets); the runner reads that file.
-    runner = TrialRunner(trial, Store(job["sweep_dir"]), dataset=job.get("dataset"))
+    runner = TrialRunner(trial, Store(job["sweep_dir"]), dataset=job.get("dataset"), device=device)
 
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
     if checkpoint is None and job.get("resume_from"):
