@@ -36,7 +36,7 @@ from dtsweep.envs import parse_dataset
 from dtsweep.models.backbones import HUB_INITS, InitError, backbone_depth
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import resolve
-from dtsweep.tracking import TrackingError, check_installed
+from dtsweep.tracking import TrackingError, check_loggers as check_tracking
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -60,9 +60,9 @@ def check_run(spec: SweepSpec, *, address: str | None = None) -> None:
 
 
 def check_loggers(spec: SweepSpec) -> None:
-    """The package of every tracking tool in `ray.loggers` is installed."""
+    """Every tracking tool of `ray.loggers` can work here (package installed, store accepted)."""
     try:
-        check_installed(spec.ray.loggers)
+        check_tracking(spec.ray.loggers)
     except TrackingError as e:
         raise PreflightError(str(e)) from None
 

@@ -14,7 +14,9 @@ truth: these are views of the same numbers in the tools researchers already use.
 - tensorboard: tensorboardX event files in each trial's Tune directory,
   `<sweep>/_tune/<run>/<trial name>/events.out.tfevents.*` (`tensorboard --logdir <sweep>/_tune`).
 - mlflow: one MLflow run per trial in experiment `experiment_name` (default: MLFLOW_EXPERIMENT_NAME,
-  else the sweep's name) at `tracking_uri` (default: MLFLOW_TRACKING_URI, else MLflow's default).
+  else the sweep's name) at `tracking_uri` (default: MLFLOW_TRACKING_URI, else MLflow's default,
+  `./mlflow.db` with MLflow 3). MLflow 3 takes a file store (file:///path/mlruns) only with
+  MLFLOW_ALLOW_FILE_STORE=true; checked before the run.
 - wandb: one W&B run per trial in `project` (default: WANDB_PROJECT, else the sweep's name);
   `mode: offline` (or WANDB_MODE=offline in the environment Ray starts with) keeps the runs in
   local `wandb/` directories for a later `wandb sync`.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import urllib.parse
 
 from dtsweep.spec import TrackingLogger
 
@@ -35,18 +38,38 @@ class TrackingError(Exception):
     """A logger of the spec cannot be used here; `str(err)` is one line saying how to fix it."""
 
 
-def check_installed(loggers: tuple[TrackingLogger, ...]) -> None:
-    """Raise TrackingError if a logger's package is missing (checked without importing it)."""
+def check_loggers(loggers: tuple[TrackingLogger, ...]) -> None:
+    """Raise TrackingError if a logger cannot work here: its package is missing (checked without
+    importing it), or MLflow would refuse its file store. Cheap, writes nothing."""
     for lg in loggers:
         module, package = PACKAGES[lg.name]
         if importlib.util.find_spec(module) is None:
             raise TrackingError(f"ray.loggers: {lg.name} needs the {package} package, which is not installed; "
                                 f"pip install 'dtsweep[tracking]' (or pip install {package})")  # fmt: skip
+        if lg.name == "mlflow":
+            _check_mlflow_file_store(lg.settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def _check_mlflow_file_store(uri: str | None) -> None:
+    """MLflow 3 keeps file stores (file:///path, a plain path) in maintenance mode and refuses them
+    unless MLFLOW_ALLOW_FILE_STORE=true; without this check the refusal is a traceback at the
+    start of Tuner.fit."""
+    if uri is None or urllib.parse.urlparse(uri).scheme not in ("", "file"):
+        return  # MLflow's default store, a database or a tracking server
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow from before the refusal: file stores need no opt-in
+        return
+    if not MLFLOW_ALLOW_FILE_STORE.get():
+        raise TrackingError(f"ray.loggers: mlflow tracking_uri {uri!r} is a file store, which this MLflow refuses "
+                            "unless MLFLOW_ALLOW_FILE_STORE=true is set; set it, or use a database "
+                            "(sqlite:///path/mlflow.db) or a tracking server")  # fmt: skip
 
 
 def logger_callbacks(loggers: tuple[TrackingLogger, ...], *, sweep_name: str) -> list:
-    """Tune callbacks for `loggers` (RayConfig.loggers), in the spec's order."""
-    check_installed(loggers)
+    """Tune callbacks for `loggers` (RayConfig.loggers), in the spec's order; TrackingError
+    (before any trial starts) if one cannot work here."""
+    check_loggers(loggers)
     out = []
     for lg in loggers:
         s = lg.settings

@@ -115,13 +115,13 @@ def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu:
     # search's ASHA skips such results, but Tune's strict metric check would fail the trial.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
-    def name(tr) -> str:
+    def readable_name(tr) -> str:
         return trial_name(Trial.from_dict(tr.config["job"]["trial"]))
 
     return tune.Tuner(
         tune.with_resources(trainable, functools.partial(trial_placement, has_gpu=has_gpu)),
         param_space=param_space,
-        tune_config=tune.TuneConfig(trial_name_creator=name, trial_dirname_creator=name, **tune_config),
+        tune_config=tune.TuneConfig(trial_name_creator=readable_name, trial_dirname_creator=readable_name, **tune_config),
         run_config=tune.RunConfig(
             name=name,
             storage_path=store.uri(TUNE_DIR),

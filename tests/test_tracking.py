@@ -52,6 +52,7 @@ def tracked_sweep(tmp_path_factory, data_cache):
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(tmp / "wandb"))
         mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 takes a file store only when asked to
         (tmp / "wandb").mkdir()
         assert main(["run", str(spec_path)]) == 0
     spec = parse_spec(yaml.safe_load(spec_path.read_text()))
@@ -145,3 +146,12 @@ def test_a_missing_tracking_package_fails_before_anything_runs(tmp_path):
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("error: ray.loggers: wandb needs the wandb package") and "dtsweep[tracking]" in line
     assert not (tmp_path / "runs").exists()  # nothing written, nothing trained
+
+
+def test_an_mlflow_file_store_without_the_opt_in_fails_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    spec_path = write_spec(tmp_path, [{"mlflow": {"tracking_uri": (tmp_path / "mlruns").as_uri()}}])
+    assert main(["run", str(spec_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ray.loggers: mlflow tracking_uri") and "MLFLOW_ALLOW_FILE_STORE=true" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()
