@@ -103,12 +103,18 @@ def test_mlflow_file_store_has_one_run_per_trial(tracked_sweep):
 
 
 def test_wandb_offline_writes_a_run_directory_per_trial(tracked_sweep):
+    names = tracked_sweep["names"]
     runs = sorted((tracked_sweep["wandb"] / "wandb").glob("offline-run-*"))
-    assert len(runs) == len(tracked_sweep["names"])
+    assert len(runs) == len(names)
+    named = []
     for run in runs:
-        # The run's records: what `wandb sync` uploads later.
+        # The run's records (what `wandb sync` uploads later): protobuf messages, in which the
+        # run's display name and the metric keys are plain strings.
         (records,) = run.glob("run-*.wandb")
-        assert records.stat().st_size > 0
+        data = records.read_bytes()
+        assert b"normalized_score" in data
+        named += [name for name in names if name.encode() in data]
+    assert sorted(named) == sorted(names)  # one run per trial, under its readable name
 
 
 def test_loggers_do_not_change_trial_ids(tmp_path):
