@@ -47,8 +47,12 @@ def tracked_sweep(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("tracked")
     mlruns = tmp / "mlruns"
     spec_path = write_spec(tmp, ["tensorboard", {"mlflow": {"tracking_uri": mlruns.as_uri()}}, {"wandb": {"mode": "offline"}}])
+    import ray
+
+    # W&B logs from a Ray actor, which inherits the environment of the Ray that `run` starts
+    # below, not of one some other test left running.
+    assert not ray.is_initialized()
     with pytest.MonkeyPatch.context() as mp:
-        # Set before `run` starts Ray: W&B logs from a Ray actor, which inherits this environment.
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(tmp / "wandb"))
         mp.setenv("WANDB_SILENT", "true")
