@@ -88,6 +88,10 @@ def logger_callbacks(loggers: tuple[TrackingLogger, ...], *, sweep_name: str) ->
             from ray.air.integrations.wandb import WandbLoggerCallback
 
             project = s.get("project") or os.environ.get("WANDB_PROJECT") or sweep_name
+            if s.get("mode") in ("offline", "disabled"):
+                # Tune's callback demands an API key unless W&B's own switch, WANDB_MODE, says
+                # offline; the spec's mode is that switch (an API key is no use offline).
+                os.environ["WANDB_MODE"] = s["mode"]
             # entity, mode and tags go to wandb.init as they are (Tune passes extra keywords on).
             extra = {k: s[k] for k in ("entity", "mode", "tags") if k in s}
             out.append(WandbLoggerCallback(project=project, group=s.get("group"), **extra))
