@@ -36,7 +36,7 @@ from dtsweep.envs import parse_dataset
 from dtsweep.models.backbones import HUB_INITS, InitError, backbone_depth
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import resolve
-from dtsweep.tracking import TrackingError, check_loggers as check_tracking
+from dtsweep.tracking import TrackingError, check_loggers
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -48,7 +48,7 @@ class PreflightError(Exception):
 def check_run(spec: SweepSpec, *, address: str | None = None) -> None:
     """Everything `python -m dtsweep run` needs, checked before anything is written."""
     points = [t for study in spec.studies for t in spec.grid(study)]  # search studies too
-    check_loggers(spec)
+    check_tracking(spec)
     check_inits(points)
     check_datasets(points)
     check_storage(spec.sweep_dir)
@@ -59,10 +59,10 @@ def check_run(spec: SweepSpec, *, address: str | None = None) -> None:
 # ---- experiment tracking
 
 
-def check_loggers(spec: SweepSpec) -> None:
+def check_tracking(spec: SweepSpec) -> None:
     """Every tracking tool of `ray.loggers` can work here (package installed, store accepted)."""
     try:
-        check_tracking(spec.ray.loggers)
+        check_loggers(spec.ray.loggers)
     except TrackingError as e:
         raise PreflightError(str(e)) from None
 

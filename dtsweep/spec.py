@@ -1062,7 +1062,8 @@ def _parse_loggers(v: Any) -> tuple:
     if v is None:
         return ()
     if not isinstance(v, list):
-        raise _fail("ray.loggers", v, f"a list of loggers ({', '.join(LOGGERS)}), e.g. [tensorboard, {{wandb: {{project: x}}}}]")
+        example = "[tensorboard, {wandb: {project: x}}]"
+        raise _fail("ray.loggers", v, f"a list of loggers ({', '.join(LOGGERS)}), e.g. {example}")
     out = []
     for i, item in enumerate(v):
         path = f"ray.loggers[{i}]"
