@@ -30,6 +30,7 @@ class UserError(Exception):
 _USER_ERROR_CLASSES = (
     ("dtsweep.spec", "SpecError"),
     ("dtsweep.preflight", "PreflightError"),
+    ("dtsweep.tracking", "TrackingError"),
     ("dtsweep.data.d4rl", "DatasetNotFoundError"),
     ("dtsweep.data.d4rl", "DatasetError"),
     ("dtsweep.models.backbones", "InitError"),

@@ -36,6 +36,7 @@ from dtsweep.envs import parse_dataset
 from dtsweep.models.backbones import HUB_INITS, InitError, backbone_depth
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import resolve
+from dtsweep.tracking import TrackingError, check_loggers
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 
@@ -47,11 +48,23 @@ class PreflightError(Exception):
 def check_run(spec: SweepSpec, *, address: str | None = None) -> None:
     """Everything `python -m dtsweep run` needs, checked before anything is written."""
     points = [t for study in spec.studies for t in spec.grid(study)]  # search studies too
+    check_tracking(spec)
     check_inits(points)
     check_datasets(points)
     check_storage(spec.sweep_dir)
     if address:
         check_ray_address(address)
+
+
+# ---- experiment tracking
+
+
+def check_tracking(spec: SweepSpec) -> None:
+    """Every tracking tool of `ray.loggers` can work here (package installed, store accepted)."""
+    try:
+        check_loggers(spec.ray.loggers)
+    except TrackingError as e:
+        raise PreflightError(str(e)) from None
 
 
 # ---- models

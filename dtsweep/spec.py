@@ -151,6 +151,35 @@ class Resources:
 GPU_SETTINGS = ("auto", "on", "off")
 
 
+# ray.loggers: Ray Tune's own logger callbacks (dtsweep.tracking) and the settings each takes
+# (setting -> (type, what the error message says)). Settings are those of Tune's callbacks;
+# only these are accepted, so a typo is an error here and not a silently ignored keyword.
+LOGGERS = {
+    "tensorboard": {},
+    "mlflow": {
+        "tracking_uri": (str, "a tracking URI (file:///path/mlruns, http://host:5000, ...)"),
+        "experiment_name": (str, "a string"),
+        "tags": (dict, "a mapping of tag names to values"),
+    },
+    "wandb": {
+        "project": (str, "a string"),
+        "entity": (str, "a string"),
+        "group": (str, "a string"),
+        "mode": (str, "'online', 'offline' or 'disabled'"),
+        "tags": (list, "a list of strings"),
+    },
+}
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class TrackingLogger:
+    """One entry of `ray.loggers`: a LOGGERS name and its settings (given keys only)."""
+
+    name: str
+    settings: dict = field(default_factory=dict, hash=False)
+
+
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS or a local Ray
@@ -162,6 +191,7 @@ class RayConfig:
     # without GPUs; "on" keeps them always (trials wait for autoscaled GPU nodes); "off" runs
     # every trial on CPU. dtsweep.cluster.use_gpus decides.
     gpu: str = "auto"
+    loggers: tuple = ()  # TrackingLogger, one per tool; not part of trial ids (how results are shown, not what they are)
 
 
 @dataclass(frozen=True)
@@ -1028,6 +1058,7 @@ def parse_spec(raw: Any) -> SweepSpec:
         else _int(ray_cfg["max_concurrent_trials"], "ray.max_concurrent_trials", 1),
         max_failures=_int(ray_cfg.get("max_failures", 2), "ray.max_failures", 0),
         gpu=_gpu_setting(ray_cfg.get("gpu", "auto")),
+        loggers=_parse_loggers(ray_cfg.get("loggers")),
     )
     spec = SweepSpec(name=name, storage=storage, studies=studies, resources=resources, ray=ray, source=raw)
     _check_swap_depths(spec)
@@ -1040,6 +1071,48 @@ def _gpu_setting(v: Any) -> str:
     if v not in GPU_SETTINGS:
         raise _fail("ray.gpu", v, " | ".join(GPU_SETTINGS))
     return v
+
+
+def _parse_loggers(v: Any) -> tuple:
+    """`ray.loggers`: a list of names (`[tensorboard, mlflow]`) or one-key mappings of a name to
+    its settings (`[{wandb: {project: x}}]`), each tool at most once."""
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        example = "[tensorboard, {wandb: {project: x}}]"
+        raise _fail("ray.loggers", v, f"a list of loggers ({', '.join(LOGGERS)}), e.g. {example}")
+    out = []
+    for i, item in enumerate(v):
+        path = f"ray.loggers[{i}]"
+        if isinstance(item, dict) and len(item) == 1:
+            ((name, settings),) = item.items()
+        elif isinstance(item, str):
+            name, settings = item, None
+        else:
+            raise _fail(path, item, "a logger name or a one-key mapping {name: {settings}}")
+        if name not in LOGGERS:
+            close = difflib.get_close_matches(str(name), sorted(LOGGERS), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(LOGGERS)}"
+            raise SpecError(f"{path}: unknown logger {name!r}; {hint}")
+        if name in {lg.name for lg in out}:
+            raise _fail(path, name, "each logger at most once")
+        allowed = LOGGERS[name]
+        if settings and not allowed:
+            raise _fail(f"{path}.{name}", settings, f"no settings ({name} takes none)")
+        settings = _check_keys(settings, set(allowed), f"{path}.{name}")
+        for key, val in settings.items():
+            kind, what = allowed[key]
+            ok = isinstance(val, kind) and not isinstance(val, bool)
+            if ok and kind is list:
+                ok = all(isinstance(x, str) for x in val)
+            if ok and kind is dict:
+                ok = all(isinstance(k, str) and isinstance(x, (str, int, float)) for k, x in val.items())
+            if ok and (name, key) == ("wandb", "mode"):
+                ok = val in WANDB_MODES
+            if not ok:
+                raise _fail(f"{path}.{name}.{key}", val, what)
+        out.append(TrackingLogger(name, dict(settings)))
+    return tuple(out)
 
 
 def _opt_str(v: Any, path: str) -> str | None:

@@ -30,6 +30,32 @@ TUNE_DIR = "_tune"
 RESUME_FILE = "resume.pt"
 
 
+def trial_name(t: Trial) -> str:
+    """A trial's readable name: its Tune trial name and directory (`_tune/<run>/<name>`), and so
+    its run name in TensorBoard, MLflow and W&B. "<init>-<dataset>-K<K>[-swap<b>]-s<seed>-<id8>",
+    e.g. `gpt2-hopper-medium-K20-s3-1a2b3c4d`; the first 8 characters of the trial_id keep trials
+    that differ only in other settings apart (Tune adds `_<4 hex>` if two still collide)."""
+    dataset = t.dataset.replace("\\", "/").rstrip("/").split("/")[-1]
+    if t.dataset_sha256 is not None:  # a file: its name without .hdf5
+        dataset = dataset.rsplit(".", 1)[0] or dataset
+    init = t.init.replace("\\", "/").rstrip("/").split("/")[-1]  # a local model directory: its name
+    swap = f"-swap{t.swap_block}" if t.swap_block is not None else ""
+    return f"{_slug(init)}-{_slug(dataset)}-K{t.context_len}{swap}-s{t.seed}-{t.trial_id[:8]}"
+
+
+def _slug(s: str) -> str:
+    """`s` as a short, file-name-safe part of a trial name."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", s).strip("-.")[:40] or "x"
+
+
+def _trial_dirs(store: Store, run: str, trial_id: str) -> list[str]:
+    """The directories under `_tune/<run>/` that may be `trial_id`'s: named by the trial_id itself
+    (sweeps run before trials had readable names) or by `trial_name` (ending in its first 8
+    characters, maybe with Tune's `_<4 hex>` added)."""
+    pattern = re.compile(rf"(.*-)?({re.escape(trial_id)}|{re.escape(trial_id[:8])})(_[0-9a-f]{{4}})?")
+    return [d for d in store.list_dirs(f"{TUNE_DIR}/{run}") if pattern.fullmatch(d)]
+
+
 @dataclass
 class RunSummary:
     """Trial counts of one `run` (a search sample counts as a trial)."""
@@ -138,19 +164,24 @@ def latest_resume_checkpoints(store: Store) -> dict[str, tuple[int, str]]:
     """
     best: dict[str, tuple[int, str]] = {}
     for run in store.list_dirs(TUNE_DIR):
-        for tid in store.list_dirs(f"{TUNE_DIR}/{run}"):
-            for ck in store.list_dirs(f"{TUNE_DIR}/{run}/{tid}"):
+        for trial_dir in store.list_dirs(f"{TUNE_DIR}/{run}"):
+            for ck in store.list_dirs(f"{TUNE_DIR}/{run}/{trial_dir}"):
                 if not ck.startswith("checkpoint_"):
                     continue
-                rel = f"{TUNE_DIR}/{run}/{tid}/{ck}"
-                epoch = _complete_checkpoint_epoch(store, rel)
-                if epoch is not None and epoch > best.get(tid, (-1, ""))[0]:
+                rel = f"{TUNE_DIR}/{run}/{trial_dir}/{ck}"
+                found = _complete_checkpoint(store, rel)
+                if found is None:
+                    continue
+                # The checkpoint names its trial (trial directories carry readable names);
+                # trial_dir is the trial_id in sweeps whose checkpoints predate that.
+                epoch, tid = found[0], found[1] or trial_dir
+                if epoch > best.get(tid, (-1, ""))[0]:
                     best[tid] = (epoch, store.uri(rel))
     return best
 
 
-def _complete_checkpoint_epoch(store: Store, rel: str) -> int | None:
-    """The epoch of the resume checkpoint in `rel`, or None if it is missing or incomplete."""
+def _complete_checkpoint(store: Store, rel: str) -> tuple[int, str | None] | None:
+    """(epoch, trial_id) of the resume checkpoint in `rel`, or None if it is missing or incomplete."""
     if not store.exists(f"{rel}/resume.json"):
         return None
     try:
@@ -160,7 +191,7 @@ def _complete_checkpoint_epoch(store: Store, rel: str) -> int | None:
     info = store.fs.get_file_info(store.path(rel, RESUME_FILE))
     if info.type != pafs.FileType.File or info.size != meta.get("resume_bytes"):
         return None
-    return int(meta["epoch"])
+    return int(meta["epoch"]), meta.get("trial_id")
 
 
 # --------------------------------------------------------------------------------------
@@ -305,10 +336,22 @@ def recovered_rows(store: Store, known: set[str]) -> list[dict]:
 def error_file(store: Store, trial_id: str) -> str | None:
     """Location of the newest Tune error file (full traceback) of a trial under `_tune/`, if any."""
     for run in reversed(store.list_dirs(TUNE_DIR)):  # run names sort by start time
-        rel = f"{TUNE_DIR}/{run}/{trial_id}/error.txt"
-        if store.exists(rel):
-            return store.uri(rel)
+        for trial_dir in _trial_dirs(store, run, trial_id):
+            rel = f"{TUNE_DIR}/{run}/{trial_dir}"
+            if store.exists(f"{rel}/error.txt") and _tune_trial_id(store, rel) in (trial_id, None):
+                return store.uri(f"{rel}/error.txt")
     return None
+
+
+def _tune_trial_id(store: Store, rel: str) -> str | None:
+    """The trial_id in Tune's params.json of a trial directory (None if Tune wrote none): tells
+    apart the rare two trials whose readable names end in the same 8 characters."""
+    if not store.exists(f"{rel}/params.json"):
+        return None
+    try:
+        return json.loads(store.read_bytes(f"{rel}/params.json"))["job"]["trial_id"]
+    except (ValueError, KeyError, TypeError):  # cut off mid-write, or not a dtsweep trial's
+        return None
 
 
 def mixed_dataset_warnings(ledger: pd.DataFrame) -> list[str]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import Store
-from dtsweep.sweepdir import RESUME_FILE, TUNE_DIR, Ledger
+from dtsweep.sweepdir import RESUME_FILE, TUNE_DIR, Ledger, trial_name
+from dtsweep.tracking import logger_callbacks
 
 # --------------------------------------------------------------------------------------
 # The trainable (runs in a Ray worker)
@@ -101,7 +102,9 @@ def run_name(prefix: str) -> str:
 def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu: bool, callbacks: list,
                 param_space: dict | None = None, **tune_config):  # fmt: skip
     """A Tuner running `trainable` with each trial's placement, Tune's state under `<sweep>/_tune/<name>`,
-    one resume checkpoint kept per trial, and `tune_config` (TuneConfig's arguments)."""
+    one resume checkpoint kept per trial, `callbacks` and the spec's tracking loggers
+    (`dtsweep.tracking`), and `tune_config` (TuneConfig's arguments). Trials are named (and their
+    directories too) by `trial_name`, so TensorBoard, MLflow and W&B show readable runs."""
     from ray import tune
 
     # Tune warns each time num_to_keep=1 forces an experiment snapshot; with one checkpoint
@@ -115,19 +118,19 @@ def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu:
     # search's ASHA skips such results, but Tune's strict metric check would fail the trial.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
-    def trial_dir(tr) -> str:
-        return tr.config["job"]["trial_id"]
+    def readable_name(tr) -> str:
+        return trial_name(Trial.from_dict(tr.config["job"]["trial"]))
 
     return tune.Tuner(
         tune.with_resources(trainable, functools.partial(trial_placement, has_gpu=has_gpu)),
         param_space=param_space,
-        tune_config=tune.TuneConfig(trial_name_creator=trial_dir, trial_dirname_creator=trial_dir, **tune_config),
+        tune_config=tune.TuneConfig(trial_name_creator=readable_name, trial_dirname_creator=readable_name, **tune_config),
         run_config=tune.RunConfig(
             name=name,
             storage_path=store.uri(TUNE_DIR),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=callbacks,
+            callbacks=callbacks + logger_callbacks(spec.ray.loggers, sweep_name=spec.name),
             verbose=0,
         ),
     )

@@ -327,7 +327,10 @@ def test_a_sample_equal_to_a_training_one_waits_and_reuses_its_trial(tmp_path, d
     (run_dir,) = (sweep / "_tune").iterdir()
     assert len([d for d in run_dir.iterdir() if d.is_dir()]) == 2  # two Tune trials: one trained, one reused
     tid = search["trial_id"].iloc[0]
-    results = [json.loads(line) for line in (run_dir / tid / "result.json").read_text().splitlines()]
+    # Trial directories are named `<init>-<dataset>-K..-s<seed>-<tid[:8]>`; Tune adds `_<4 hex>`
+    # to the second trial of the same name (the reused one).
+    (trained,) = [d for d in run_dir.iterdir() if d.name.endswith(f"-{tid[:8]}")]
+    results = [json.loads(line) for line in (trained / "result.json").read_text().splitlines()]
     assert [r["epoch"] for r in results] == [0, 1, 2, 3, 4]
     assert pd.read_parquet(sweep / "trials.parquet").set_index("trial_id").loc[tid, "status"] == "finished"
 
