@@ -2,9 +2,10 @@
 the trainable, its placement, the one Tuner builder, the progress callback and error lines.
 
 Each Tune trial carries one config entry, `{"job": {...}}`: trial_id, the trial's settings
-(`Trial.to_dict()`), the sweep directory, the dataset file the driver resolved, and where to
-resume from. Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`);
-Tune's own results serve progress lines and schedulers only.
+(`Trial.to_dict()`), the sweep directory, the dataset file the driver resolved and published,
+the published local init directories (`dtsweep.inputs`), and where to resume from.
+Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`); Tune's own
+results serve progress lines and schedulers only.
 """
 
 from __future__ import annotations
@@ -30,15 +31,25 @@ from dtsweep.sweepdir import RESUME_FILE, TUNE_DIR, Ledger
 
 def train_trial(config: dict) -> None:
     """Tune function trainable: run one trial, reporting each epoch with a resume checkpoint."""
-    import torch
-    from ray import tune
-
-    from dtsweep.train import TrialRunner, set_threads_for_trial
+    from dtsweep.inputs import fetch_inits
+    from dtsweep.models.backbones import use_local_copies
+    from dtsweep.train import set_threads_for_trial
 
     job = config["job"]
     trial = Trial.from_dict(job["trial"])
     set_threads_for_trial(trial.resources.cpu)
-    # The driver resolved the dataset once (inputs.prepare_datasets); the runner reads that file.
+    # The driver resolved and published the inputs once (dtsweep.inputs); the trial reads this
+    # node's verified copies of them: the dataset file, and any local init directory.
+    with use_local_copies(fetch_inits(job.get("inits", {}))):
+        _train(trial, job)
+
+
+def _train(trial: Trial, job: dict) -> None:
+    import torch
+    from ray import tune
+
+    from dtsweep.train import TrialRunner
+
     runner = TrialRunner(trial, Store(job["sweep_dir"]), dataset=job.get("dataset"))
 
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
@@ -61,14 +72,18 @@ def train_trial(config: dict) -> None:
     runner.run(on_epoch=report)
 
 
-def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None, **extra) -> dict:
-    """The `{"job": ...}` config of one Tune trial (see the module docstring)."""
+def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None,
+               inits: dict | None = None, **extra) -> dict:  # fmt: skip
+    """The `{"job": ...}` config of one Tune trial (see the module docstring). `inits`: the
+    published local init directories the trial reads (`dtsweep.inputs.trial_inits`)."""
     d = t.to_dict()
     if not has_gpu:
         d["resources"]["gpu"] = 0.0
     job = {"trial_id": t.trial_id, "trial": d, "sweep_dir": store.uri(), **extra}
     if dataset is not None:
         job["dataset"] = dataset
+    if inits:
+        job["inits"] = inits
     if resume_from is not None:
         job["resume_from"] = resume_from
     return {"job": job}

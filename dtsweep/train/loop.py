@@ -9,8 +9,9 @@ outputs into the sweep directory (`Store`):
     checkpoints/<trial_id>/epoch=<n>.parquet model weights at the analysis epochs
     checkpoints/<trial_id>/index.parquet     trial_id, epoch, path, n_params, nbytes, sha256
 
-The trial reads exactly the dataset file the driver resolved (`dataset=`, a DatasetSource)
-and refuses to train when the bytes on its node differ (sha256). Its provenance (the file,
+The trial reads exactly the dataset file the driver resolved (`dataset=`, a DatasetSource),
+through the copy the driver published to the sweep's storage when there is one
+(`dtsweep.inputs`), and refuses to train when the bytes on its node differ (sha256). Its provenance (the file,
 sha256, origin, evaluation env, what the init is, library versions: `provenance_columns`) is
 stored with each checkpoint and, by the driver, in trials.parquet.
 
@@ -86,13 +87,24 @@ def resolve_trial_dataset(trial: Trial) -> DatasetSource:
 def open_trial_dataset(trial: Trial, given: DatasetSource | None = None) -> DatasetSource:
     """The dataset file this trial reads: `given` (the driver's resolution), verified here.
 
+    Returns `given` with `path` set to the file read on this node: the copy the driver
+    published to the sweep's storage when there is one (`given.published`, fetched into this
+    node's cache and verified: `dtsweep.inputs.fetch_file`), else the driver's path.
     Refuses (DatasetError) when the file on this node has other bytes than the driver's
     (sha256), or when a file-path dataset's bytes differ from those its trial id was made
-    from. A generated file missing on this node is generated here and must come out
-    byte-identical; any other missing file is an error (put it where every node sees it).
+    from. Without a published copy, a generated file missing on this node is generated here
+    and must come out byte-identical; any other missing file is an error.
     """
+    from dtsweep.inputs import InputError, fetch_file
+
     source = given if given is not None else resolve_trial_dataset(trial)
-    if not Path(source.path).is_file():
+    if source.published:
+        try:
+            local = fetch_file(source.published, source.sha256)
+        except InputError as e:
+            raise DatasetError(f"trial {trial.trial_id}: dataset {trial.dataset!r}: {e}") from None
+        source = DatasetSource(**{**source.to_dict(), "path": str(local)})
+    elif not Path(source.path).is_file():
         if source.origin != "generated":
             raise DatasetNotFoundError(
                 f"trial {trial.trial_id}: dataset file {source.path} (resolved by the driver) is not on this node; "
@@ -246,7 +258,9 @@ class TrialRunner:
         if isinstance(dataset, dict):
             dataset = DatasetSource.from_dict(dataset)
         self.dataset = open_trial_dataset(trial, dataset)
-        self.provenance = provenance_columns(trial, self.dataset)
+        # Provenance names the file the driver resolved (as trials.parquet does), not this
+        # node's copy of it: same bytes (sha256), one name on every node.
+        self.provenance = provenance_columns(trial, dataset if dataset is not None else self.dataset)
         arrays = read_d4rl_hdf5(self.dataset.path)
         self.traj = split_trajectories(arrays, max_ep_len=tc.max_ep_len)
         self.sampler = WindowSampler(
