@@ -6,7 +6,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-
 # Where the object store is, for the trials and diagnostics workers: a worker of a cluster
 # started by `ray start`/`ray up` does not inherit the driver's environment, and without these
 # it would write a sweep meant for MinIO or Ceph to AWS. Credentials are not forwarded (they

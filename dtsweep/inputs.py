@@ -41,7 +41,7 @@ def dataset_key(t: Trial) -> tuple:
     return (t.dataset, t.env, t.data.steps, t.data.seed, t.dataset_sha256)
 
 
-def prepare_datasets(trials: list[Trial], log=print) -> dict[tuple, "DatasetSource"]:  # noqa: F821
+def prepare_datasets(trials: list[Trial], log=print) -> dict[tuple, DatasetSource]:  # noqa: F821
     """Resolve (and generate offline, if needed) every dataset of `trials` once.
 
     Returns dataset_key(trial) -> dtsweep.data.DatasetSource (path, sha256, origin). Raises
@@ -92,6 +92,16 @@ def publish_datasets(store: Store, sources: dict, log=print) -> dict:
     return out
 
 
+def published_dataset(store: Store, sha256, source_path) -> dict | None:
+    """{"uri", "sha256"} of the dataset file `run` published for a trial, from its
+    trials.parquet row (`dataset_sha256`, `dataset_source`); None when it was not published
+    (a sweep from before publishing, or `inputs/` deleted)."""
+    if not (isinstance(sha256, str) and isinstance(source_path, str)):
+        return None
+    rel = f"{INPUTS_DIR}/{sha256}/{Path(source_path).name}"
+    return {"uri": store.uri(rel), "sha256": sha256} if store.exists(rel) else None
+
+
 def local_init_dirs(trials: list[Trial]) -> dict[str, Path]:
     """init as written -> local directory, for every `init:`/`swap_from:` of `trials` that names
     a model directory on this machine (shipped assets and Hub names are not: every node has
@@ -129,6 +139,7 @@ def publish_inits(store: Store, trials: list[Trial], log=print) -> dict[str, dic
 
     out = {}
     for init, path in local_init_dirs(trials).items():
+        source = init_source(init)
         manifest = _tree_manifest(path)
         digest = tree_digest(manifest)
         base = f"{INPUTS_DIR}/{digest}"
@@ -141,7 +152,7 @@ def publish_inits(store: Store, trials: list[Trial], log=print) -> dict[str, dic
             size = sum(i["size"] for i in manifest["files"].values())
             log(f"init {init}: published {len(manifest['files'])} files ({size / 1e6:,.1f} MB) to {store.uri(base)} "
                 f"in {time.perf_counter() - t0:.0f}s")  # fmt: skip
-        out[init] = {"uri": store.uri(base), "sha256": digest, "source": init_source(init)}
+        out[init] = {"uri": store.uri(base), "sha256": digest, "source": source}
     return out
 
 

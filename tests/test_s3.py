@@ -16,13 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import yaml
+
+# Helpers of the fault tests (same tiny trials, same way of finding this test's Ray processes).
+from test_faults import checkpointed_epoch, kill_all, ray_processes, tiny_sweep, wait_for
 
 from dtsweep.cli import main
 from dtsweep.data import file_sha256
@@ -32,13 +34,20 @@ from dtsweep.spec import parse_spec
 from dtsweep.store import Store, load_checkpoint, sha256_file
 from dtsweep.sweepdir import epochs_done, sweep_status
 
-# Helpers and the private-RAY_TMPDIR fixture of the fault tests (same tiny trials).
-from test_faults import checkpointed_epoch, kill_all, ray_processes, ray_tmpdir, tiny_sweep, wait_for  # noqa: F401
-
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
 BUCKET, COPY_BUCKET = "dtsweep-test", "dtsweep-copy"
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A private RAY_TMPDIR (short: Ray's sockets live below it); its processes killed after the test."""
+    d = tempfile.mkdtemp(prefix="dtsw-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", d)
+    yield d
+    kill_all(ray_processes(d))
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -103,6 +112,36 @@ def test_malformed_storage_uris_are_one_line(tmp_path, capsys):
             err = capsys.readouterr().err.strip()
             assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "runs").exists()
+
+
+def test_inputs_are_published_once_and_fetched_verified(s3_endpoint, tmp_path, monkeypatch):
+    from dtsweep.data import DatasetSource
+    from dtsweep.inputs import InputError, fetch_file, publish_datasets
+
+    data = tmp_path / "driver" / "hopper-random_x.hdf5"
+    data.parent.mkdir()
+    data.write_bytes(os.urandom(3 << 20))
+    src = DatasetSource("hopper-random", str(data), file_sha256(data), "generated", "hopper", "Hopper-v5")
+    store = Store(f"s3://{BUCKET}/unit/sweep")
+    lines = []
+    (published,) = publish_datasets(store, {"k": src}, log=lines.append).values()
+    assert published.published == store.uri(f"{INPUTS_DIR}/{src.sha256}/{data.name}") and len(lines) == 1
+    publish_datasets(store, {"k": src}, log=lines.append)
+    assert len(lines) == 1  # already there with the same size: not uploaded again
+
+    monkeypatch.setenv("DTSWEEP_DATA_DIR", str(tmp_path / "node"))
+    local = fetch_file(published.published, src.sha256)
+    assert local == tmp_path / "node" / INPUTS_DIR / src.sha256 / data.name
+    assert local.read_bytes() == data.read_bytes()
+    # Other bytes under the published name are refused, and never land in the cache.
+    store.write_bytes(f"{INPUTS_DIR}/{src.sha256}/{data.name}", b"not the dataset")
+    local.unlink()
+    with pytest.raises(InputError, match="sha256"):
+        fetch_file(published.published, src.sha256)
+    assert not local.exists() and not list(local.parent.glob(".fetch-*"))
+    store.delete(f"{INPUTS_DIR}/{src.sha256}/{data.name}")
+    with pytest.raises(InputError, match="missing"):
+        fetch_file(published.published, src.sha256)
 
 
 @pytest.mark.slow
