@@ -322,3 +322,22 @@ def test_worker_node_trains_from_published_inputs(s3_endpoint, tmp_path, ray_tmp
     meta = read_checkpoint_metadata(store.uri(f"checkpoints/{trial.trial_id}/epoch=1.parquet"))
     assert meta["provenance"]["dataset_source"] == row["dataset_source"]
     assert meta["provenance"]["init_source"] == row["init_source"]
+
+
+@pytest.mark.slow
+def test_search_on_s3(s3_endpoint, tmp_path, data_cache, ray_tmpdir, capsys):
+    from test_search import search_raw
+
+    spec_path = tmp_path / "search.yaml"
+    spec_path.write_text(yaml.safe_dump(search_raw(f"s3://{BUCKET}/search", num_samples=2)))
+    sweep_uri = f"s3://{BUCKET}/search/tiny-search"
+    assert main(["run", str(spec_path)]) == 0
+    store = Store(sweep_uri)
+    samples = store.read_pandas("search.parquet")
+    assert len(samples) == 2 and set(samples["status"]) <= {"finished", "stopped"}
+    assert store.list(INPUTS_DIR + "/" + store.read_pandas("trials.parquet")["dataset_sha256"].iloc[0], ".hdf5")
+    capsys.readouterr()
+    assert main(["run", str(spec_path)]) == 0  # the rerun draws no new sample
+    assert len(store.read_pandas("search.parquet")) == 2
+    assert main(["status", sweep_uri]) == 0
+    assert f"{sweep_uri}: 2 trials:" in capsys.readouterr().out
