@@ -4,13 +4,13 @@ The top of the run stage. `run_sweep` holds the sweep directory's lease, repairs
 the grid studies as one Tune experiment and then each search group (`dtsweep.search`), and
 leaves a consistent, compacted sweep directory behind (`dtsweep.sweepdir`), also when
 interrupted. Below it: `dtsweep.tuning` (the trainable, the Tuner, progress lines),
-`dtsweep.inputs` (datasets resolved once), `dtsweep.cluster` (connecting to Ray).
+`dtsweep.inputs` (inputs resolved once and published to storage), `dtsweep.cluster` (connecting to Ray).
 """
 
 from __future__ import annotations
 
 from dtsweep.cluster import ray_session, use_gpus
-from dtsweep.inputs import dataset_key, prepare_datasets, trial_provenance
+from dtsweep.inputs import dataset_key, prepare_datasets, publish_datasets, publish_inits, trial_inits
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import Lease, Store
 from dtsweep.sweepdir import (
@@ -26,6 +26,7 @@ from dtsweep.sweepdir import (
     trial_row,
     write_sweep_yaml,
 )
+from dtsweep.train.loop import trial_provenance
 from dtsweep.tuning import build_tuner, fit_errors, job_config, progress_callback, run_name, train_trial
 
 
@@ -79,8 +80,11 @@ def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_f
         sources = prepare_datasets(todo, log=log)  # generating a dataset can take minutes: Ctrl-C is likely here
         ledger.set_provenance(trial_provenance(todo, sources))
         ledger.write()
+        # Every node reads these copies, not the driver's files (dtsweep.inputs).
+        sources = publish_datasets(store, sources, log=log)
+        inits = publish_inits(store, todo, log=log)
         with ray_session(address, num_cpus=spec.ray.num_cpus):
-            errors = _fit_grid(spec, store, todo, ledger, sources, n_total=len(trials), n_done=n_finished, log=log)
+            errors = _fit_grid(spec, store, todo, ledger, sources, inits, n_total=len(trials), n_done=n_finished, log=log)
     except KeyboardInterrupt:
         _record_interrupt(store, ledger, todo)
         raise
@@ -101,7 +105,7 @@ def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_f
     return RunSummary(store.uri(), len(trials), n_finished, len(todo), n_finished + finished, failed + n_failed_kept)
 
 
-def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, sources: dict, *,
+def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, sources: dict, inits: dict, *,
               n_total: int, n_done: int, log) -> dict[str, str | None]:  # fmt: skip
     """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine)."""
     from ray import tune
@@ -113,7 +117,7 @@ def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, 
         if t.trial_id in resume:
             log(f"resuming {t.trial_id} from epoch {resume[t.trial_id][0]} (checkpoint of an earlier run)")
         configs.append(job_config(t, store, has_gpu=has_gpu, dataset=sources[dataset_key(t)].to_dict(),
-                                  resume_from=resume.get(t.trial_id, (None, None))[1])["job"])  # fmt: skip
+                                  inits=trial_inits(t, inits), resume_from=resume.get(t.trial_id, (None, None))[1])["job"])  # fmt: skip
     work = sum(t.epochs - resume.get(t.trial_id, (0,))[0] for t in todo)
     tuner = build_tuner(
         train_trial, spec=spec, store=store, name=run_name("run"), has_gpu=has_gpu,

@@ -74,7 +74,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from dtsweep.cluster import ray_session, use_gpus
-from dtsweep.inputs import dataset_key, prepare_datasets, trial_provenance
+from dtsweep.inputs import dataset_key, prepare_datasets, publish_datasets, publish_inits, trial_inits
+from dtsweep.schemas import search_schema
 from dtsweep.spec import (
     SEARCHABLE,
     Objective,
@@ -86,9 +87,9 @@ from dtsweep.spec import (
     search_value,
     with_search_values,
 )
-from dtsweep.schemas import search_schema
 from dtsweep.store import Store, table_from_rows, to_numpy_rows
 from dtsweep.sweepdir import Ledger, RunSummary, compact, epochs_done, latest_resume_checkpoints
+from dtsweep.train.loop import trial_provenance
 from dtsweep.tuning import build_tuner, fit_errors, job_config, progress_callback, run_name, train_trial
 
 SEARCH_FILE = "search.parquet"
@@ -396,7 +397,8 @@ class GroupRun:
     ledger: Ledger
     resume: dict  # trial_id -> (epoch, Tune checkpoint) of earlier runs
     has_gpu: bool
-    sources: dict  # dtsweep.inputs.dataset_key -> DatasetSource, resolved by the driver
+    sources: dict  # dtsweep.inputs.dataset_key -> DatasetSource, resolved and published by the driver
+    inits: dict  # init as written -> its published copy (dtsweep.inputs.publish_inits)
     log: Callable
     continuing: dict  # trial_id -> sample number of an interrupted sample, queued first
     next_sample: int
@@ -425,7 +427,8 @@ class GroupRun:
         self.log(f"  sample {sample} -> trial {tid}{' (already trained: reused)' if reuse else ''}: {values}")
         resume = self.resume.get(tid, (None, None))[1] if not reuse else None
         source = self.sources[dataset_key(trial)]
-        return job_config(trial, self.store, has_gpu=self.has_gpu, dataset=source.to_dict(), resume_from=resume, reuse=reuse)
+        return job_config(trial, self.store, has_gpu=self.has_gpu, dataset=source.to_dict(), resume_from=resume, reuse=reuse,
+                          inits=trial_inits(trial, self.inits))  # fmt: skip
 
     def finish(self, tune_id: str, error: bool) -> dict:
         """Score a sample Tune is done with; returns its search.parquet row (with `intermediate`)."""
@@ -521,11 +524,14 @@ def run_searches(spec: SweepSpec, store: Store, ledger: Ledger, *, address: str 
             ledger.rows[row["trial_id"]]["status"] = "stopped"
     ran = 0
     if todo:
-        sources = prepare_datasets([g.base for g, *_ in todo], log=log)
+        bases = [g.base for g, *_ in todo]
+        # Every node reads the published copies, not the driver's files (dtsweep.inputs).
+        sources = publish_datasets(store, prepare_datasets(bases, log=log), log=log)
+        inits = publish_inits(store, bases, log=log)
         with ray_session(address, num_cpus=spec.ray.num_cpus):
             has_gpu = use_gpus(spec.ray.gpu, any(g.base.resources.gpu > 0 for g, *_ in todo), log=log)
             for group, history, continuing, remaining in todo:
-                ran += _fit_group(spec, group, history, continuing, remaining, store, table, ledger, has_gpu, sources, log)
+                ran += _fit_group(spec, group, history, continuing, remaining, store, table, ledger, has_gpu, sources, inits, log)
                 _report_best(store, group, table.group_rows(group), log)
     for group, *_ in plans:
         if all(group is not g for g, *_ in todo):
@@ -574,7 +580,7 @@ def _plan_group(group: Group, store: Store, table: SearchTable, retry_failed: bo
     return history, continuing, max(remaining, 0) + len(continuing)
 
 
-def _fit_group(spec, group: Group, history, continuing, n_run, store, table, ledger, has_gpu, sources, log) -> int:
+def _fit_group(spec, group: Group, history, continuing, n_run, store, table, ledger, has_gpu, sources, inits, log) -> int:
     """Run `n_run` samples of one group (the continuing ones first) as one Tune experiment.
 
     Returns the number of samples started. Raises KeyboardInterrupt if Tune stopped
@@ -591,7 +597,7 @@ def _fit_group(spec, group: Group, history, continuing, n_run, store, table, led
         study.enqueue_trial(params_of[s])
     run = GroupRun(
         group=group, store=store, table=table, ledger=ledger, resume=latest_resume_checkpoints(store),
-        has_gpu=has_gpu, sources=sources, log=log, continuing=dict(continuing),
+        has_gpu=has_gpu, sources=sources, inits=inits, log=log, continuing=dict(continuing),
         next_sample=1 + max((r["sample"] for r in table.group_rows(group)), default=-1),
     )  # fmt: skip
     obj = cfg.objective

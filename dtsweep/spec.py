@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -447,11 +448,33 @@ class SweepSpec:
         return out
 
     def with_storage(self, storage: str) -> SweepSpec:
+        check_storage(storage, "--storage")
         return dataclasses.replace(self, storage=storage)
 
     @property
     def sweep_dir(self) -> str:
         return join_path(self.storage, self.name)
+
+
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(.*)")
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+def check_storage(storage: str, path: str) -> None:
+    """SpecError (one line) for a storage location that would silently land elsewhere: an
+    object-store URI without a bucket (`s3://` alone would become a local directory named
+    `s3:`), or `s3:/bucket` with one slash (a local path). Whether the scheme is known and the
+    location writable is checked before a run (`dtsweep.preflight`)."""
+    m = _URI.fullmatch(storage)
+    if m is None:
+        scheme = storage.split(":/", 1)[0]
+        if ":/" in storage and scheme.lower() in _BUCKET_SCHEMES:
+            raise SpecError(f"{path}: {storage!r} is a local path; an object store is written {scheme}://BUCKET/PREFIX")
+        if "://" in storage:
+            raise SpecError(f"{path}: {storage!r} is not a valid URI; expected SCHEME://BUCKET/PREFIX or a local path")
+        return
+    if m[1].lower() in _BUCKET_SCHEMES and not m[2]:
+        raise SpecError(f"{path}: {storage!r} names no bucket; expected {m[1]}://BUCKET/PREFIX")
 
 
 def join_path(base: str, *parts: str) -> str:
@@ -1034,6 +1057,7 @@ def parse_spec(raw: Any) -> SweepSpec:
     storage = raw.get("storage", "runs")
     if not isinstance(storage, str) or not storage:
         raise _fail("storage", storage, "a local path or URI (s3://..., gs://..., file://...)")
+    check_storage(storage, "storage")
 
     defaults = _check_keys(raw.get("defaults"), _DEFAULT_KEYS, "defaults")
     studies_raw = raw.get("studies")

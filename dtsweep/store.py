@@ -33,16 +33,35 @@ from dtsweep.schemas import TENSOR_SCHEMA
 # ---- filesystem access
 
 
+# Object stores whose URIs must name a bucket: `s3://` alone would otherwise open the
+# account's bucket listing as if it were a sweep directory.
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
 def resolve(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a pyarrow-supported URI."""
+    """(filesystem, path inside it) for a local path or a pyarrow-supported URI.
+
+    An S3 URI goes to the endpoint in $AWS_ENDPOINT_URL when set (pyarrow's S3FileSystem reads
+    it, like the AWS SDKs; checked with pyarrow 26 in tests/test_s3.py), so MinIO, Ceph or any
+    S3-compatible store works as AWS does. Raises StorageError (one line) for a URI pyarrow
+    cannot parse, an unknown scheme, or an object-store URI without a bucket.
+    """
     s = str(uri_or_path)
-    if "://" in s:
-        return pafs.FileSystem.from_uri(s)
-    return pafs.LocalFileSystem(), str(Path(s).expanduser().resolve())
+    if "://" not in s:
+        return pafs.LocalFileSystem(), str(Path(s).expanduser().resolve())
+    scheme, _, rest = s.partition("://")
+    if scheme.lower() in _BUCKET_SCHEMES and not rest.split("/", 1)[0]:
+        raise StorageError(f"storage URI {s!r} names no bucket; expected {scheme}://BUCKET/PREFIX")
+    try:
+        fs, path = pafs.FileSystem.from_uri(s)
+    except (pa.ArrowException, ValueError) as e:  # ArrowInvalid: syntax, unknown scheme
+        raise StorageError(f"storage URI {s!r} is not valid: {_first_line(e)}") from None
+    return fs, path
 
 
 class StorageError(OSError):
-    """The sweep directory cannot be written (a user-fixable problem: one line, exit 2)."""
+    """The storage location is unusable: a malformed URI, or a directory that cannot be
+    written (a user-fixable problem: one line, exit 2)."""
 
 
 class Store:
@@ -106,6 +125,27 @@ class Store:
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
+        self.fs.move(tmp, final)
+
+    def upload_file(self, local_path: str | Path, rel: str) -> None:
+        """Copy a local file to `rel`, streamed (datasets are up to gigabytes), write-then-move.
+
+        On a local sweep directory a hard link stands in for the copy where the file system
+        allows one (same bytes, no second copy on disk)."""
+        final = self.path(rel)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                os.link(local_path, tmp)
+                self.fs.move(tmp, final)
+                return
+            except OSError:  # another device, or links not allowed: copy below
+                pass
+        with open(local_path, "rb") as src, self.fs.open_output_stream(tmp) as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
         self.fs.move(tmp, final)
 
     def read_bytes(self, rel: str) -> bytes:

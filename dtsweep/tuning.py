@@ -2,9 +2,10 @@
 the trainable, its placement, the one Tuner builder, the progress callback and error lines.
 
 Each Tune trial carries one config entry, `{"job": {...}}`: trial_id, the trial's settings
-(`Trial.to_dict()`), the sweep directory, the dataset file the driver resolved, and where to
-resume from. Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`);
-Tune's own results serve progress lines and schedulers only.
+(`Trial.to_dict()`), the sweep directory, the dataset file the driver resolved and published,
+the published local init directories (`dtsweep.inputs`), and where to resume from.
+Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`); Tune's own
+results serve progress lines and schedulers only.
 """
 
 from __future__ import annotations
@@ -31,18 +32,28 @@ from dtsweep.tracking import logger_callbacks
 
 def train_trial(config: dict) -> None:
     """Tune function trainable: run one trial, reporting each epoch with a resume checkpoint."""
-    import torch
-    from ray import tune
-
-    from dtsweep.train import TrialRunner, set_threads_for_trial
+    from dtsweep.inputs import fetch_inits
+    from dtsweep.models.backbones import use_local_copies
+    from dtsweep.train import set_threads_for_trial
 
     job = config["job"]
     trial = Trial.from_dict(job["trial"])
     set_threads_for_trial(trial.resources.cpu)
+    # The driver resolved and published the inputs once (dtsweep.inputs); the trial reads this
+    # node's verified copies of them: the dataset file, and any local init directory.
+    with use_local_copies(fetch_inits(job.get("inits", {}))):
+        _train(trial, job)
+
+
+def _train(trial: Trial, job: dict) -> None:
+    import torch
+    from ray import tune
+
+    from dtsweep.train import TrialRunner
+
     # Only a trial Ray gave a GPU share may use one: a CPU-only trial on a GPU node sees every
     # GPU of the node (Ray sets no CUDA_VISIBLE_DEVICES for it) and would crowd cuda:0.
     device = torch.device("cuda" if trial.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
-    # The driver resolved the dataset once (inputs.prepare_datasets); the runner reads that file.
     runner = TrialRunner(trial, Store(job["sweep_dir"]), dataset=job.get("dataset"), device=device)
 
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
@@ -65,14 +76,18 @@ def train_trial(config: dict) -> None:
     runner.run(on_epoch=report)
 
 
-def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None, **extra) -> dict:
-    """The `{"job": ...}` config of one Tune trial (see the module docstring)."""
+def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None,
+               inits: dict | None = None, **extra) -> dict:  # fmt: skip
+    """The `{"job": ...}` config of one Tune trial (see the module docstring). `inits`: the
+    published local init directories the trial reads (`dtsweep.inputs.trial_inits`)."""
     d = t.to_dict()
     if not has_gpu:
         d["resources"]["gpu"] = 0.0
     job = {"trial_id": t.trial_id, "trial": d, "sweep_dir": store.uri(), **extra}
     if dataset is not None:
         job["dataset"] = dataset
+    if inits:
+        job["inits"] = inits
     if resume_from is not None:
         job["resume_from"] = resume_from
     return {"job": job}

@@ -353,6 +353,8 @@ class DatasetSource:
     name: as written in the spec; path: absolute path of the HDF5 file (D4RL's layout) that
     is read; sha256: hex digest of its bytes; origin: "d4rl", "generated" or "minari";
     env: the dtsweep env ("hopper", ...); eval_env: the Gymnasium id to evaluate on.
+    published: where the driver published the file for every node (a local path or URI of
+    `<sweep dir>/inputs/<sha256>/<file name>`, `dtsweep.inputs`), None before that.
     """
 
     name: str
@@ -361,6 +363,7 @@ class DatasetSource:
     origin: str
     env: str
     eval_env: str
+    published: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

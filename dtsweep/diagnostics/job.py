@@ -60,12 +60,13 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from dtsweep.data import load_dataset, split_trajectories, window_batch
+from dtsweep.data import load_dataset, read_d4rl_hdf5, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
 from dtsweep.diagnostics.cka import linear_cka
 from dtsweep.diagnostics.gradients import CLIP_NORM, dt_gradient_stats
 from dtsweep.diagnostics.mine import train_critics
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
+from dtsweep.inputs import fetch_file, published_dataset
 from dtsweep.models import FREEZE, DecisionTransformer
 from dtsweep.spec import Trial
 from dtsweep.schemas import TRIAL_COLUMNS
@@ -217,6 +218,9 @@ class Context:
     options: dict[str, dict]
     max_grad_elements: int
     _data: dict = field(default_factory=dict)
+    # (dataset, steps, seed) -> {"uri", "sha256"} of the copy `run` published (dtsweep.inputs):
+    # read on any node, byte for byte what the trial trained on.
+    published: dict = field(default_factory=dict)
 
     def model(self, path: str, freeze: str = "none"):
         """Rebuild a checkpoint's DecisionTransformer, in eval mode, on the device.
@@ -236,7 +240,11 @@ class Context:
     def trajectories(self, trial: Trial):
         key = (trial.dataset, trial.data.steps, trial.data.seed, trial.train.max_ep_len)
         if key not in self._data:
-            arrays = load_dataset(trial.dataset, steps=trial.data.steps, seed=trial.data.seed)
+            published = self.published.get(key[:3])
+            if published:
+                arrays = read_d4rl_hdf5(fetch_file(published["uri"], published["sha256"]))
+            else:  # a sweep from before inputs were published: resolved on this node
+                arrays = load_dataset(trial.dataset, steps=trial.data.steps, seed=trial.data.seed)
             # Items of one trial share a dataset; keeping only the latest bounds memory.
             self._data = {key: split_trajectories(arrays, max_ep_len=trial.train.max_ep_len)}
         return self._data[key]
@@ -491,6 +499,7 @@ class DiagnosticsWorker:
         trial = Trial.from_dict(json.loads(item["config_json"]))
         ckpts = {int(e): p for e, p in json.loads(item["checkpoints_json"]).items()}
         kind = item["kind"]
+        self.ctx.published[(trial.dataset, trial.data.steps, trial.data.seed)] = json.loads(item.get("dataset_json") or "null")
         t0 = time.perf_counter()
         status = {"trial_id": item["trial_id"], "kind": kind, "init": trial.init, "device": str(self.ctx.device),
                   "n_params": item["n_params"], "n_rows": 0, "seconds": 0.0, "error": None}  # fmt: skip
@@ -558,6 +567,9 @@ def plan(sweep_dir: str, kinds: Iterable[str] = KINDS) -> Plan:
                     "config_json": row.config_json,
                     "checkpoints_json": json.dumps({str(e): saved[e] for e in sorted(need)}),
                     "n_params": int(own.n_params.max()),
+                    "dataset_json": json.dumps(
+                        published_dataset(store, getattr(row, "dataset_sha256", None), getattr(row, "dataset_source", None))
+                    ),
                 }
             )
     return Plan(todo, done, skipped)

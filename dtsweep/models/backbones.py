@@ -32,6 +32,7 @@ equal those of the plain random model with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -107,10 +108,31 @@ def is_random_init(init: str) -> bool:
     return init in RANDOM_INITS
 
 
+# init as written -> (local copy, source as the driver recorded it) of init directories the
+# driver published to the sweep's storage (`dtsweep.inputs`); set by `use_local_copies`.
+_LOCAL_COPIES: dict[str, tuple[Path, str]] = {}
+
+
+@contextlib.contextmanager
+def use_local_copies(copies: dict[str, tuple[Path, str]]):
+    """Inside the block, an init naming a directory of the driver's machine reads this node's
+    verified copy of it (`dtsweep.inputs.fetch_inits`); `init_source` still names the driver's
+    directory, so the trial's provenance is the same on every node."""
+    before = dict(_LOCAL_COPIES)
+    _LOCAL_COPIES.update(copies)
+    try:
+        yield
+    finally:
+        _LOCAL_COPIES.clear()
+        _LOCAL_COPIES.update(before)
+
+
 def _init_dir(init: str) -> Path | None:
     """The Hugging Face directory an init names (asset or local path), None for Hub/random."""
     if init in RANDOM_INITS or init in HUB_INITS:
         return None
+    if init in _LOCAL_COPIES:
+        return _LOCAL_COPIES[init][0]
     if init in ASSET_INITS:
         path = ASSETS_DIR / init
         if not (path / "config.json").is_file():
@@ -185,6 +207,8 @@ def init_source(init: str) -> str:
         return f"hf:{HUB_INITS[init][0]}"
     if init in ASSET_INITS:
         return f"shipped:{init}"
+    if init in _LOCAL_COPIES:
+        return _LOCAL_COPIES[init][1]
     return str(_init_dir(init).resolve())
 
 

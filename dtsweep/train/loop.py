@@ -9,8 +9,9 @@ outputs into the sweep directory (`Store`):
     checkpoints/<trial_id>/epoch=<n>.parquet model weights at the analysis epochs
     checkpoints/<trial_id>/index.parquet     trial_id, epoch, path, n_params, nbytes, sha256
 
-The trial reads exactly the dataset file the driver resolved (`dataset=`, a DatasetSource)
-and refuses to train when the bytes on its node differ (sha256). Its provenance (the file,
+The trial reads exactly the dataset file the driver resolved (`dataset=`, a DatasetSource),
+through the copy the driver published to the sweep's storage when there is one
+(`dtsweep.inputs`), and refuses to train when the bytes on its node differ (sha256). Its provenance (the file,
 sha256, origin, evaluation env, what the init is, library versions: `provenance_columns`) is
 stored with each checkpoint and, by the driver, in trials.parquet.
 
@@ -31,7 +32,6 @@ from typing import Callable
 import torch
 from transformers.activations import NewGELUActivation
 
-from dtsweep.train.auxiliary import build_auxiliary
 from dtsweep.data import (
     DatasetError,
     DatasetNotFoundError,
@@ -51,9 +51,10 @@ from dtsweep.models import (
     init_family,
     init_source,
 )
-from dtsweep.spec import Trial
 from dtsweep.schemas import CHECKPOINTS_SCHEMA, METRICS_SCHEMA
+from dtsweep.spec import Trial
 from dtsweep.store import Store, table_from_rows, write_checkpoint
+from dtsweep.train.auxiliary import build_auxiliary
 from dtsweep.train.evaluate import evaluate_episodes, make_envs
 
 # The action-error probe is the same fixed windows for every seed of a dataset, so curves
@@ -86,13 +87,24 @@ def resolve_trial_dataset(trial: Trial) -> DatasetSource:
 def open_trial_dataset(trial: Trial, given: DatasetSource | None = None) -> DatasetSource:
     """The dataset file this trial reads: `given` (the driver's resolution), verified here.
 
+    Returns `given` with `path` set to the file read on this node: the copy the driver
+    published to the sweep's storage when there is one (`given.published`, fetched into this
+    node's cache and verified: `dtsweep.inputs.fetch_file`), else the driver's path.
     Refuses (DatasetError) when the file on this node has other bytes than the driver's
     (sha256), or when a file-path dataset's bytes differ from those its trial id was made
-    from. A generated file missing on this node is generated here and must come out
-    byte-identical; any other missing file is an error (put it where every node sees it).
+    from. Without a published copy, a generated file missing on this node is generated here
+    and must come out byte-identical; any other missing file is an error.
     """
+    from dtsweep.inputs import InputError, fetch_file
+
     source = given if given is not None else resolve_trial_dataset(trial)
-    if not Path(source.path).is_file():
+    if source.published:
+        try:
+            local = fetch_file(source.published, source.sha256)
+        except InputError as e:
+            raise DatasetError(f"trial {trial.trial_id}: dataset {trial.dataset!r}: {e}") from None
+        source = DatasetSource(**{**source.to_dict(), "path": str(local)})
+    elif not Path(source.path).is_file():
         if source.origin != "generated":
             raise DatasetNotFoundError(
                 f"trial {trial.trial_id}: dataset file {source.path} (resolved by the driver) is not on this node; "
@@ -124,6 +136,13 @@ def provenance_columns(trial: Trial, source: DatasetSource) -> dict:
         "config_key": trial.config_key,
         "versions_json": json.dumps(library_versions(), sort_keys=True),
     }
+
+
+def trial_provenance(trials: list[Trial], sources: dict) -> dict[str, dict]:
+    """trial_id -> the provenance columns of trials.parquet, from dtsweep.inputs.prepare_datasets' sources."""
+    from dtsweep.inputs import dataset_key
+
+    return {t.trial_id: provenance_columns(t, sources[dataset_key(t)]) for t in trials}
 
 
 def pick_device() -> torch.device:
@@ -246,7 +265,9 @@ class TrialRunner:
         if isinstance(dataset, dict):
             dataset = DatasetSource.from_dict(dataset)
         self.dataset = open_trial_dataset(trial, dataset)
-        self.provenance = provenance_columns(trial, self.dataset)
+        # Provenance names the file the driver resolved (as trials.parquet does), not this
+        # node's copy of it: same bytes (sha256), one name on every node.
+        self.provenance = provenance_columns(trial, dataset if dataset is not None else self.dataset)
         arrays = read_d4rl_hdf5(self.dataset.path)
         self.traj = split_trajectories(arrays, max_ep_len=tc.max_ep_len)
         self.sampler = WindowSampler(
