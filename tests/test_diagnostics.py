@@ -167,7 +167,10 @@ def test_mine_critics_of_a_batch_train_independently():
     with_c = estimate_mi_batched([xa, xc], [ya, yc], seed=3, **kw)
     alone = estimate_mi(xa, ya, seed=3, **kw)
     assert with_b[0] == pytest.approx(with_c[0], abs=1e-5)
-    assert alone == pytest.approx(with_b[0], abs=1e-5)
+    # A stack of one takes another float32 matmul kernel than a stack of two, and 40 training
+    # steps amplify its rounding (in float64 the two agree to 1e-12); training on another
+    # critic's data, Adam moments or EMA would move the estimate by far more.
+    assert alone == pytest.approx(with_b[0], abs=1e-3)
     assert with_b[1] != pytest.approx(with_c[1], abs=1e-3)
     # Deterministic for a seed, different for another.
     assert estimate_mi(xa, ya, seed=3, **kw) == alone

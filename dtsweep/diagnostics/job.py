@@ -62,9 +62,9 @@ import torch
 
 from dtsweep.data import load_dataset, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
-from dtsweep.diagnostics.cka import linear_cka
+from dtsweep.diagnostics.cka import linear_cka_both
 from dtsweep.diagnostics.gradients import CLIP_NORM, dt_gradient_stats
-from dtsweep.diagnostics.mine import train_critics
+from dtsweep.diagnostics.mine import train_critic_pairs
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
 from dtsweep.models import FREEZE, DecisionTransformer
 from dtsweep.spec import Trial
@@ -88,7 +88,7 @@ DEFAULT_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 1024, "chunk": 256},
     "mine": {"n_windows": 4096, "hidden": 64, "layers": 3, "steps": 1000, "batch_size": 128,
              "lr": 1e-3, "eval_every": 25, "patience": 4, "eval_shuffles": 8,
-             "critics_per_call": 128, "chunk": 256, "depths": ["shallow", "middle", "deep"]},
+             "critics_per_call": None, "chunk": 256, "depths": ["shallow", "middle", "deep"]},
     "params": {},
     "gradients": {"n_samples": None, "max_elements": None},  # None: trial batch size; by memory
     "attention": {"n_windows": 256},
@@ -292,6 +292,7 @@ def measure_cka(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict]
         block, module = layer.split(".", 2)[1:]
         for t, token in enumerate(TOKEN_TYPES):
             a, b = acts[first][layer][:, t], acts[final][layer][:, t]
+            plug_in, debiased = linear_cka_both(a, b)  # one set of feature products for both
             rows.append(
                 {
                     "epoch_a": first,
@@ -301,8 +302,8 @@ def measure_cka(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict]
                     "module": module,
                     "layer_index": index,
                     "token": token,
-                    "cka": linear_cka(a, b),
-                    "cka_debiased": linear_cka(a, b, debiased=True),
+                    "cka": plug_in,
+                    "cka_debiased": debiased,
                     "n": a.shape[0],
                     "width": a.shape[1],
                 }
@@ -337,23 +338,30 @@ def measure_mine(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict
     inputs = []  # token_index -> raw input token [n, d]
     for t in range(k):
         inputs += [batch["returns_to_go"][:, t], batch["states"][:, t], batch["actions"][:, t]]
-    last_state, last_action = 3 * k - 2, batch["actions"][:, k - 1]
+    last_state = 3 * k - 2
     positions = range(3 * k - 1)  # every token but a_K
 
-    specs, xs, ys = [], [], []
-    for b in blocks:
+    # Sources: the 3K raw input tokens (x) and each measured block's output at the 3K − 1
+    # positions but a_K (y). Every critic pairs one of each; a source is stored once however
+    # many critics use it (the last state's output is the y of all 3K − 1 "X" critics).
+    blist = list(blocks)
+    y_sources = [hidden[b][:, j] for b in blist for j in positions]
+
+    def y_of(b: int, j: int) -> int:
+        return blist.index(b) * len(positions) + j
+
+    specs, pairs = [], []
+    for b in blist:
         for j in positions:
             specs.append((b, "X", j))
-            xs.append(inputs[j])
-            ys.append(hidden[b][:, last_state])
+            pairs.append((j, y_of(b, last_state)))
             specs.append((b, "Y", j))
-            xs.append(last_action)
-            ys.append(hidden[b][:, j])
+            pairs.append((3 * k - 1, y_of(b, j)))  # inputs[3K − 1] is a_K
     per_call = opt.get("critics_per_call") or len(specs)
     names = ("hidden", "layers", "steps", "batch_size", "lr", "eval_every", "patience", "eval_shuffles")
     kw = {name: opt[name] for name in names if name in opt}
     results = [
-        train_critics(xs[i : i + per_call], ys[i : i + per_call], seed=trial.seed + i, **kw)
+        train_critic_pairs(inputs, y_sources, pairs[i : i + per_call], seed=trial.seed + i, **kw)
         for i in range(0, len(specs), per_call)
     ]
     mi = np.concatenate([r.mi for r in results])
