@@ -6,7 +6,7 @@
     per_sample_grads / gradient_stats         gradients.py  per-sample gradient norms, confusion, shares
     attention_distance(attn, mask)            attention.py  mean attended distance per head, tokens
     run_diagnostics(sweep_dir, kinds)         job.py        all of them as a Ray Data job -> Parquet
-    estimated_seconds(kind, n_layer, ...)     job.py        CPU seconds per trial and kind, for plans
+    estimated_seconds(kind, n_layer, ...)     costs.py      CPU seconds per trial and kind, for plans
 
 Where the released reference code got an analysis wrong, and what is done here instead:
 - CKA sliced the feature axis: here the rows compared are examples (tokens), never units;

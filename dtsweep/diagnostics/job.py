@@ -60,6 +60,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from dtsweep.costs import diagnostics_seconds
 from dtsweep.data import load_dataset, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
 from dtsweep.diagnostics.cka import linear_cka_both
@@ -142,46 +143,11 @@ TIMINGS_SCHEMA = pa.schema(
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost model (for `plan`)
+# Cost model (for `plan`): dtsweep.costs holds the measured per-kind figures and their scaling,
+# so that `plan` need not import torch. estimated_seconds(kind, n_layer, n_embd, context_len, ...)
+# is dtsweep.costs.diagnostics_seconds.
 
-# CPU seconds of one core per trial with DEFAULT_OPTIONS, measured on a ChibiT-size DT
-# (3 layers, 128 wide, K = 20, batch 64, 3 saved epochs) with benchmarks/diagnostics.py on a
-# shared machine (MINE: a trained quickstart checkpoint); see
-# benchmarks/README.md, "Diagnostics cost". The shapes below scale them to other sizes.
-REFERENCE_SHAPE = {"n_layer": 3, "n_embd": 128, "context_len": 20}
-REFERENCE_CPU_SECONDS = {"cka": 7.0, "mine": 255.0, "params": 0.02, "gradients": 0.5, "attention": 1.5}
-
-
-def estimated_seconds(kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64,
-                      n_epochs_saved: int = 3) -> float:
-    """Rough CPU seconds (one core, DEFAULT_OPTIONS) that diagnostic `kind` takes for one trial.
-
-    Scales REFERENCE_CPU_SECONDS by the work that grows with the model: forwards and feature
-    products ∝ n_layer · n_embd² · K (cka, attention × saved epochs, gradients × batch), tensor
-    sizes ∝ n_layer · n_embd² (params), and MINE ∝ its number of critics (3K − 1 positions ×
-    up to 3 blocks) × a critic's per-row cost, whose first layer grows with n_embd. A GPU is
-    many times faster; divide by a measured speed-up rather than trusting this for GPUs.
-    """
-    ref = REFERENCE_SHAPE
-    body = (n_layer * n_embd**2 * context_len) / (ref["n_layer"] * ref["n_embd"] ** 2 * ref["context_len"])
-    if kind == "cka":
-        return REFERENCE_CPU_SECONDS["cka"] * body
-    if kind == "attention":
-        return REFERENCE_CPU_SECONDS["attention"] * body * n_epochs_saved / 3
-    if kind == "gradients":
-        return REFERENCE_CPU_SECONDS["gradients"] * body * batch_size / 64
-    if kind == "params":
-        return REFERENCE_CPU_SECONDS["params"] * body * ref["context_len"] / context_len
-    if kind == "mine":
-        hidden = DEFAULT_OPTIONS["mine"]["hidden"]
-
-        def critic_cost(width: int) -> float:  # multiply-adds per row of a 3-layer critic
-            return (width + 11) * hidden + 2 * hidden * hidden
-
-        critics = (3 * context_len - 1) * len(mine_blocks(n_layer))
-        ref_critics = (3 * ref["context_len"] - 1) * len(mine_blocks(ref["n_layer"]))
-        return REFERENCE_CPU_SECONDS["mine"] * critics / ref_critics * critic_cost(n_embd) / critic_cost(ref["n_embd"])
-    raise ValueError(f"unknown diagnostic kind {kind!r}; kinds: {KINDS}")
+estimated_seconds = diagnostics_seconds
 
 
 # ---------------------------------------------------------------------------------------------
