@@ -62,12 +62,15 @@ def synthetic_trial(size: str, out: str) -> tuple[Trial, dict[int, str]]:
 
 
 def sweep_trials(sweep_dir: str, which: str) -> list[tuple[Trial, dict[int, str]]]:
-    """(trial, epoch -> checkpoint) of the sweep's finished trials: the first, or all."""
+    """(trial, epoch -> checkpoint) of the sweep's finished trials: "first", "all" or "id1,id2"."""
     store = Store(sweep_dir)
     trials = store.read_pandas("trials.parquet")
     index = job._checkpoint_index(store)
     out = []
-    for row in trials[trials.status == "finished"].itertuples():
+    finished = trials[trials.status == "finished"].sort_values("trial_id")
+    if which not in ("first", "all"):
+        finished = finished[finished.trial_id.isin(which.split(","))]
+    for row in finished.itertuples():
         own = index[index.trial_id == row.trial_id]
         ckpts = {int(e): store.resolve_rel(p) for e, p in zip(own.epoch, own.path)}
         out.append((Trial.from_dict(json.loads(row.config_json)), ckpts))
@@ -81,7 +84,7 @@ def sweep_trials(sweep_dir: str, which: str) -> list[tuple[Trial, dict[int, str]
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", help="a finished sweep directory: measure its trials' own checkpoints")
-    p.add_argument("--trials", choices=["first", "all"], default="first", help="with --sweep")
+    p.add_argument("--trials", default="first", help="with --sweep: first, all, or comma-separated trial ids")
     p.add_argument("--size", choices=SIZES, default="quickstart", help="without --sweep")
     p.add_argument("--options", choices=["fast", "default"], default="default")
     p.add_argument("--set", nargs="*", default=[], help="kind.option=value overrides (JSON values)")
