@@ -565,7 +565,7 @@ def test_diagnose_writes_every_kind_for_every_trial_and_resumes(trained_sweep):
     assert att["distance_tokens"].between(0, 3 * k - 1).all()
 
     timings = pd.read_parquet(f"{sweep_dir}/diagnostics/timings.parquet")
-    assert len(timings) == 2 * len(KINDS) and (timings["seconds"] > 0).all()
+    assert len(timings) == 2 * len(KINDS) and (timings["seconds"] > 0).all() and (timings["cpu_seconds"] > 0).all()
 
 
 def test_gradients_of_a_frozen_trial_leave_the_frozen_backbone_out(tmp_path, data_cache):

@@ -5,7 +5,8 @@ GPU) rebuilds the trial's model from its Parquet checkpoints, measures, and writ
 that item atomically to `diagnostics/parts/<kind>/<trial_id>.parquet`. An item whose part
 exists is done: a rerun (after a crash, or after adding seeds to the sweep) measures only what
 is missing. At the end the parts of each kind are concatenated into `diagnostics/<kind>.parquet`
-and the time each item took goes to `diagnostics/timings.parquet`.
+and the time each item took goes to `diagnostics/timings.parquet` (trial_id, kind, init, n_rows,
+seconds: wall clock, cpu_seconds: CPU time of the worker process, device, n_params).
 
 Every row carries the trial columns (trial_id, study, init, env, dataset, context_len,
 swap_block, seed), then, per kind ("final" = the trial's last epoch):
@@ -138,7 +139,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 TIMINGS_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("kind", pa.string()), ("init", pa.string()), ("n_rows", pa.int64()),
-     ("seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64())]
+     ("seconds", pa.float64()), ("cpu_seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64())]
 )  # fmt: skip
 
 
@@ -464,9 +465,10 @@ class DiagnosticsWorker:
         trial = Trial.from_dict(json.loads(item["config_json"]))
         ckpts = {int(e): p for e, p in json.loads(item["checkpoints_json"]).items()}
         kind = item["kind"]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         status = {"trial_id": item["trial_id"], "kind": kind, "init": trial.init, "device": str(self.ctx.device),
-                  "n_params": item["n_params"], "n_rows": 0, "seconds": 0.0, "error": None}  # fmt: skip
+                  "n_params": item["n_params"], "n_rows": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+                  "error": None}  # fmt: skip
         try:
             rows = MEASURES[kind](self.ctx, trial, ckpts)
         except Exception as e:  # one trial's failure must not discard the other items' work
@@ -475,7 +477,9 @@ class DiagnosticsWorker:
         columns = trial.columns()
         table = table_from_rows([{**columns, **r} for r in rows], SCHEMAS[kind])
         self.store.write_table(_part(kind, trial.trial_id), table)
-        status.update(n_rows=len(rows), seconds=time.perf_counter() - t0)
+        # CPU seconds of the actor process: on a shared machine, what the item costs a core of
+        # its own (wall seconds also count the time other processes held the core).
+        status.update(n_rows=len(rows), seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
         return status
 
 
