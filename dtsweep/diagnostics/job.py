@@ -84,8 +84,11 @@ TIMINGS = "diagnostics/timings.parquet"
 # at batch 256, i.e. ~2.5 CPU-hours per trial for 1000 steps; 3×64 critics with Adam at 1e-3
 # stop early on the validation bound after a few hundred steps instead (benchmarks/README.md,
 # "Diagnostics cost"). Pass {"mine": {"hidden": 400, "lr": 1e-4, "patience": None}} for the
-# paper's critic. FAST_OPTIONS make a CPU smoke run (tests) take seconds per trial; MINE then
-# underestimates (see the `diagnose --fast` help).
+# paper's critic. critics_per_call None trains every critic of a trial as one stack (the samples
+# are stored once per token representation, not per critic, so memory is the model's activations
+# plus a few [critics, batch, hidden] tensors); a number bounds the stack, e.g. for GPU memory.
+# FAST_OPTIONS make a CPU smoke run (tests) take seconds per trial; MINE then underestimates
+# (see the `diagnose --fast` help and benchmarks/README.md, "Diagnostics cost").
 DEFAULT_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 1024, "chunk": 256},
     "mine": {"n_windows": 4096, "hidden": 64, "layers": 3, "steps": 1000, "batch_size": 128,

@@ -255,14 +255,17 @@ def train_critic_pairs(
         raise ValueError(f"patience must be >= 1 evaluations or None, got {patience}")
     if not pairs:
         raise ValueError("no (x source, y source) pairs to estimate")
-    x, x_widths = _stack_sources(x_sources, device)  # [n, Sx, dx]
-    y, y_widths = _stack_sources(y_sources, device)  # [n, Sy, dy]
+    n_x, n_y = len(x_sources), len(y_sources)
+    if any(not (0 <= i < n_x and 0 <= j < n_y) for i, j in pairs):
+        raise ValueError(f"pairs name sources outside the {n_x} x and {n_y} y sources")
+    # Only the sources some pair uses are stacked (a chunk of a DT's critics uses a few).
+    used_x, used_y = sorted({i for i, _ in pairs}), sorted({j for _, j in pairs})
+    x, x_widths = _stack_sources([x_sources[i] for i in used_x], device)  # [n, Sx, dx]
+    y, y_widths = _stack_sources([y_sources[j] for j in used_y], device)  # [n, Sy, dy]
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"xs and ys disagree on (m, n): n = {x.shape[0]} vs {y.shape[0]}")
-    x_ids = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
-    y_ids = torch.tensor([j for _, j in pairs], dtype=torch.long, device=device)
-    if int(x_ids.min()) < 0 or int(x_ids.max()) >= x.shape[1] or int(y_ids.min()) < 0 or int(y_ids.max()) >= y.shape[1]:
-        raise ValueError(f"pairs name sources outside the {x.shape[1]} x and {y.shape[1]} y sources")
+    x_ids = torch.tensor([used_x.index(i) for i, _ in pairs], dtype=torch.long, device=device)
+    y_ids = torch.tensor([used_y.index(j) for _, j in pairs], dtype=torch.long, device=device)
     m, n = len(pairs), x.shape[0]
     n_hold = int(round(holdout * n))
     if n_hold < 2 or n - n_hold < 2:
@@ -283,7 +286,7 @@ def train_critic_pairs(
         """The samples `rows` of each critic's sources: x [m, k, dx], y [m, k, dy]."""
         return gather(x, rows, xi), gather(y, rows, yi)
 
-    critics = _StackedCritics([x_widths[i] for i, _ in pairs], [y_widths[j] for _, j in pairs],
+    critics = _StackedCritics([x_widths[i] for i in x_ids.tolist()], [y_widths[j] for j in y_ids.tolist()],
                               x.shape[2], y.shape[2], hidden, layers, seed).to(device)  # fmt: skip
     opt = torch.optim.Adam(critics.parameters(), lr=lr)
     n_train = len(train_idx)
