@@ -52,8 +52,8 @@ import torch
 __all__ = ["CriticResult", "estimate_mi", "estimate_mi_batched", "train_critic_pairs", "train_critics"]
 
 
-def _as_matrix(a, device) -> torch.Tensor:
-    t = torch.as_tensor(a).detach().to(device=device, dtype=torch.float32)
+def _as_matrix(a, device, dtype) -> torch.Tensor:
+    t = torch.as_tensor(a).detach().to(device=device, dtype=dtype)
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
@@ -61,19 +61,19 @@ def _as_matrix(a, device) -> torch.Tensor:
     return t
 
 
-def _stack_sources(arrays, device) -> tuple[torch.Tensor, list[int]]:
-    """list of [n, d_i] (or one [m, n, d]) -> zero-padded float32 [n, m, max d], widths d_i.
+def _stack_sources(arrays, device, dtype) -> tuple[torch.Tensor, list[int]]:
+    """list of [n, d_i] (or one [m, n, d]) -> zero-padded [n, m, max d] of `dtype`, widths d_i.
 
     Sample-major, so that a minibatch's rows of every source are one contiguous gather.
     """
     if isinstance(arrays, (torch.Tensor, np.ndarray)) and np.ndim(arrays) == 3:
         arrays = list(arrays)
-    tensors = [_as_matrix(a, device) for a in arrays]
+    tensors = [_as_matrix(a, device, dtype) for a in arrays]
     n = {t.shape[0] for t in tensors}
     if len(n) != 1:
         raise ValueError(f"all estimates of one batch must share the same n samples, got {sorted(n)}")
     widths = [t.shape[1] for t in tensors]
-    out = torch.zeros(n.pop(), len(tensors), max(widths), device=device)
+    out = torch.zeros(n.pop(), len(tensors), max(widths), device=device, dtype=dtype)
     for i, t in enumerate(tensors):
         out[:, i, : t.shape[1]] = t
     return out, widths
@@ -225,6 +225,7 @@ def train_critic_pairs(
     eval_shuffles: int = 16,
     patience: int | None = None,
     device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> CriticResult:
     """MINE estimates of I(x_sources[i]; y_sources[j]) in nats for each (i, j) of `pairs`.
 
@@ -243,9 +244,10 @@ def train_critic_pairs(
         evaluations in a row (None: train every critic for `steps`). A stopped critic leaves the
         stack, so the others' steps get cheaper; its kept weights are those it would have kept
         anyway if its best step is followed by no better one (the usual early-stopping bet).
-    Runs on `device` (default: that of the first x source if it is a tensor, else CPU);
-    deterministic for a given seed and device, and each critic's result is the same whatever
-    else is in the batch (up to float rounding of batched matmuls of another size).
+    Runs on `device` (default: that of the first x source if it is a tensor, else CPU) in
+    `dtype` (float64 only to check results exactly); deterministic for a given seed and device,
+    and each critic's result is the same whatever else is in the batch (in float32 up to the
+    rounding of batched matmuls of another size, which training amplifies to ~1e-2 nats).
     Returns a CriticResult with one entry per pair, in the order of `pairs`.
     """
     if device is None:
@@ -260,8 +262,8 @@ def train_critic_pairs(
         raise ValueError(f"pairs name sources outside the {n_x} x and {n_y} y sources")
     # Only the sources some pair uses are stacked (a chunk of a DT's critics uses a few).
     used_x, used_y = sorted({i for i, _ in pairs}), sorted({j for _, j in pairs})
-    x, x_widths = _stack_sources([x_sources[i] for i in used_x], device)  # [n, Sx, dx]
-    y, y_widths = _stack_sources([y_sources[j] for j in used_y], device)  # [n, Sy, dy]
+    x, x_widths = _stack_sources([x_sources[i] for i in used_x], device, dtype)  # [n, Sx, dx]
+    y, y_widths = _stack_sources([y_sources[j] for j in used_y], device, dtype)  # [n, Sy, dy]
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"xs and ys disagree on (m, n): n = {x.shape[0]} vs {y.shape[0]}")
     x_ids = torch.tensor([used_x.index(i) for i, _ in pairs], dtype=torch.long, device=device)
@@ -287,7 +289,7 @@ def train_critic_pairs(
         return gather(x, rows, xi), gather(y, rows, yi)
 
     critics = _StackedCritics([x_widths[i] for i in x_ids.tolist()], [y_widths[j] for j in y_ids.tolist()],
-                              x.shape[2], y.shape[2], hidden, layers, seed).to(device)  # fmt: skip
+                              x.shape[2], y.shape[2], hidden, layers, seed).to(device=device, dtype=dtype)  # fmt: skip
     opt = torch.optim.Adam(critics.parameters(), lr=lr)
     n_train = len(train_idx)
     val_set = _eval_set(val_idx, eval_shuffles, g) if n_val >= 2 else None
@@ -295,7 +297,7 @@ def train_critic_pairs(
     hold_set = _eval_set(hold_idx, eval_shuffles, g)
 
     active = torch.arange(m, device=device)  # global ids of the critics still training
-    best_val = torch.full((m,), -math.inf, device=device)
+    best_val = torch.full((m,), -math.inf, device=device, dtype=dtype)
     best_step = np.zeros(m, dtype=np.int64)
     stop_step = np.full(m, steps, dtype=np.int64)
     since_best = torch.zeros(m, dtype=torch.long, device=device)
