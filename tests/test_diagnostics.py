@@ -23,7 +23,12 @@ from dtsweep.diagnostics.gradients import (
     norm_shares,
     per_sample_grads,
 )
-from dtsweep.diagnostics.mine import estimate_mi, estimate_mi_batched, train_critic_pairs, train_critics
+from dtsweep.diagnostics.mine import (
+    estimate_mi,
+    estimate_mi_batched,
+    train_critic_pairs,
+    train_critics,
+)
 from dtsweep.diagnostics.params import param_changes
 from dtsweep.models import build_decision_transformer, eager_attention
 
@@ -602,7 +607,12 @@ def test_gradients_of_a_frozen_trial_leave_the_frozen_backbone_out(tmp_path, dat
 
 def test_plan_costs_diagnostics_from_the_measured_figures():
     """`plan`'s diagnostics estimate (dtsweep.costs) uses the job's own settings and scales with size."""
-    from dtsweep.costs import DIAGNOSTICS_CPU_SECONDS, MINE_HIDDEN, diagnostics_estimate, estimate
+    from dtsweep.costs import (
+        DIAGNOSTICS_CPU_SECONDS,
+        MINE_HIDDEN,
+        diagnostics_estimate,
+        estimate,
+    )
     from dtsweep.diagnostics.job import DEFAULT_OPTIONS, KINDS
     from dtsweep.spec import load_spec
 

@@ -42,6 +42,7 @@ Work that does not change the estimate is not done:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -100,7 +101,7 @@ class _StackedCritics(torch.nn.Module):
         m = len(x_widths)
         dims = [hidden] * layers + [1]
         wx, wy, b1 = torch.zeros(m, dx, hidden), torch.zeros(m, dy, hidden), torch.zeros(m, 1, hidden)
-        rest_w = [torch.zeros(m, a, b) for a, b in zip(dims[:-1], dims[1:])]
+        rest_w = [torch.zeros(m, a, b) for a, b in itertools.pairwise(dims)]
         rest_b = [torch.zeros(m, 1, b) for b in dims[1:]]
         for i in range(m):
             # One generator per critic: critic i starts from the same weights whatever else is
