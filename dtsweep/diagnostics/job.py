@@ -70,13 +70,7 @@ from dtsweep.diagnostics.mine import train_critic_pairs
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
 from dtsweep.models import FREEZE, DecisionTransformer
 from dtsweep.spec import Trial
-from dtsweep.store import (
-    TRIAL_COLUMNS,
-    Store,
-    load_checkpoint,
-    read_checkpoint_metadata,
-    table_from_rows,
-)
+from dtsweep.store import TRIAL_COLUMNS, Store, load_checkpoint, read_checkpoint_metadata, table_from_rows
 
 KINDS = ("cka", "mine", "params", "gradients", "attention")
 WINDOW_SEED = 54321  # the windows every diagnostic measures on (per dataset and K)
