@@ -337,8 +337,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q.add_argument("sweep_dir")
     q.add_argument("--kinds", help="comma-separated subset of cka,mine,params,gradients,attention (default: all)")
     q.add_argument("--fast", action="store_true",
-                   help="small samples and critics: a CPU smoke run in seconds per trial; not for conclusions (MINE's "
-                   "figures come out ~1/3 of the default's: mean ratio 0.35 on a quickstart checkpoint)")
+                   help="small samples and critics: a CPU smoke run, ~20 s of one core per ChibiT-size trial against "
+                   "~210 s by default; not for conclusions: MINE's figures come out ~1/3 of the default's (ratio of "
+                   "means 0.36, median per-critic ratio 0.21 on a quickstart trial), CKA within 0.03 "
+                   "(benchmarks/README.md, 'Diagnostics cost')")
     q.add_argument("--set", action="append", metavar="KIND.OPTION=VALUE",
                    help="override a measurement setting (dtsweep/diagnostics/job.py DEFAULT_OPTIONS), e.g. "
                         "mine.depths=middle (MINE at the middle block only), mine.n_windows=2048; repeatable")

@@ -19,6 +19,10 @@ for a GPU fraction is costed on `GPU`, one that asks for none on `CPU`.
 
 Storage counts the analysis checkpoints (fp32 weights, one Parquet file per epoch listed
 in checkpoint_epochs), one resume state (weights + AdamW moments) and metrics.
+
+Diagnostics (`python -m dtsweep diagnose`, default options) are costed in CPU seconds of one
+core per trial and kind (`diagnostics_seconds`), scaled from per-kind figures measured on a
+ChibiT-size trial with benchmarks/diagnostics.py (benchmarks/README.md, "Diagnostics cost").
 """
 
 from __future__ import annotations
@@ -87,6 +91,76 @@ class TrialCost:
     hours: float  # estimated wall time of the trial alone on its resources
     storage_bytes: int
     device: str  # name of the Device the time was estimated for
+    diagnostics_cpu_hours: float = 0.0  # default `diagnose` of the finished trial, one CPU core
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+
+# CPU seconds of one core (one torch thread) per trial and kind with the job's DEFAULT_OPTIONS,
+# measured with `benchmarks/diagnostics.py --sweep` on the trials of a finished quickstart sweep
+# (ChibiT size: 3 blocks, 128 wide, 1 head, K = 20, batch 32, checkpoints at epochs 0, 1, 3) on
+# the shared 2-core AMD EPYC machine under a load average of 7 to 24 (CPU seconds inflated by the
+# contention: a quieter machine takes less); benchmarks/README.md, "Diagnostics cost", has the table.
+DIAGNOSTICS_REFERENCE = {"n_layer": 3, "n_embd": 128, "context_len": 20, "batch_size": 32, "n_epochs_saved": 3}
+DIAGNOSTICS_CPU_SECONDS = {"cka": 7.3, "mine": 200.0, "params": 0.02, "gradients": 0.3, "attention": 1.5}
+DIAGNOSTIC_KINDS = tuple(DIAGNOSTICS_CPU_SECONDS)
+# Width of MINE's statistics network in DEFAULT_OPTIONS (a test keeps the two equal).
+MINE_HIDDEN = 64
+
+
+def _mine_block_count(n_layer: int) -> int:
+    return len({0, n_layer // 2, n_layer - 1})  # shallow, middle, deep (merged when equal)
+
+
+def diagnostics_seconds(kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64,
+                        n_epochs_saved: int = 3) -> float:
+    """Rough CPU seconds (one core, the job's DEFAULT_OPTIONS) that diagnostic `kind` takes for one trial.
+
+    Scales DIAGNOSTICS_CPU_SECONDS by the work that grows with the model: forwards and feature
+    products ∝ n_layer · n_embd² · K (cka, attention × saved epochs, gradients × batch), tensor
+    sizes ∝ n_layer · n_embd² (params), and MINE ∝ its number of critics (3K − 1 positions ×
+    2 × up to 3 blocks) × a critic's per-row cost, whose first layer grows with n_embd. A GPU
+    runs the same work many times faster; no GPU figure has been measured yet.
+    """
+    ref = DIAGNOSTICS_REFERENCE
+    body = (n_layer * n_embd**2 * context_len) / (ref["n_layer"] * ref["n_embd"] ** 2 * ref["context_len"])
+    cpu = DIAGNOSTICS_CPU_SECONDS
+    if kind == "cka":
+        return cpu["cka"] * body
+    if kind == "attention":
+        return cpu["attention"] * body * n_epochs_saved / ref["n_epochs_saved"]
+    if kind == "gradients":
+        return cpu["gradients"] * body * batch_size / ref["batch_size"]
+    if kind == "params":
+        return cpu["params"] * body * ref["context_len"] / context_len
+    if kind == "mine":
+
+        def critic_cost(width: int) -> float:  # multiply-adds per row of a 3-layer critic
+            return (width + 11) * MINE_HIDDEN + 2 * MINE_HIDDEN * MINE_HIDDEN
+
+        critics = (3 * context_len - 1) * _mine_block_count(n_layer)
+        ref_critics = (3 * ref["context_len"] - 1) * _mine_block_count(ref["n_layer"])
+        return cpu["mine"] * critics / ref_critics * critic_cost(n_embd) / critic_cost(ref["n_embd"])
+    raise ValueError(f"unknown diagnostic kind {kind!r}; kinds: {DIAGNOSTIC_KINDS}")
+
+
+def diagnostics_estimate(trial: Trial) -> dict[str, float]:
+    """kind -> CPU seconds of one core for the default `diagnose` of `trial` once it has finished.
+
+    Kinds whose checkpoints the trial does not save are left out (cka and params need epoch 0
+    and the final epoch, gradients epoch 1, mine the final epoch).
+    """
+    layers, width, _, _ = architecture(trial)
+    saved = set(trial.checkpoint_epochs)
+    final = trial.epochs
+    need = {"cka": {0, final}, "mine": {final}, "params": {0, final}, "gradients": {1}, "attention": set()}
+    return {
+        kind: diagnostics_seconds(kind, layers, width, trial.context_len, batch_size=trial.train.batch_size,
+                                  n_epochs_saved=max(1, len(saved)))
+        for kind in DIAGNOSTIC_KINDS
+        if need[kind] <= saved and (kind != "attention" or saved)
+    }  # fmt: skip
 
 
 def architecture(trial: Trial) -> tuple[int, int, int, int]:
@@ -134,5 +208,6 @@ def estimate(trial: Trial, device: Device | None = None) -> TrialCost:
     weights = 4 * params
     storage = weights * len(trial.checkpoint_epochs) + 3 * weights + 2000 * (trial.epochs + 1)
     return TrialCost(
-        params=int(params), gpu_hours=hours * share, hours=hours, storage_bytes=int(storage), device=dev.name
+        params=int(params), gpu_hours=hours * share, hours=hours, storage_bytes=int(storage), device=dev.name,
+        diagnostics_cpu_hours=sum(diagnostics_estimate(trial).values()) / 3600,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
-from dtsweep.diagnostics.cka import linear_cka
+from dtsweep.diagnostics.cka import linear_cka, linear_cka_both
 from dtsweep.diagnostics.gradients import (
     _groups,
     clip_per_sample,
@@ -22,7 +23,12 @@ from dtsweep.diagnostics.gradients import (
     norm_shares,
     per_sample_grads,
 )
-from dtsweep.diagnostics.mine import estimate_mi, estimate_mi_batched, train_critics
+from dtsweep.diagnostics.mine import (
+    estimate_mi,
+    estimate_mi_batched,
+    train_critic_pairs,
+    train_critics,
+)
 from dtsweep.diagnostics.params import param_changes
 from dtsweep.models import build_decision_transformer, eager_attention
 
@@ -124,6 +130,30 @@ def test_plug_in_cka_matches_centred_gram_formula():
     assert linear_cka(x, y) == pytest.approx(expected, rel=1e-7)
 
 
+@pytest.mark.parametrize("width", [6, 300])  # feature-space route and Gram route
+def test_cka_both_estimators_from_one_set_of_products_match_plain_formulas(width):
+    """What `diagnose` calls: both estimators at once, against the centred-Gram formula and
+    Song et al.'s U-statistic written out directly."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((30, width))
+    y = np.tanh(x[:, :3] @ rng.standard_normal((3, 9))) + 0.5 * rng.standard_normal((30, 9))
+    plug_in, debiased = linear_cka_both(x, y)
+    h = np.eye(30) - 1 / 30
+    kc, lc = h @ x @ x.T @ h, h @ y @ y.T @ h
+    assert plug_in == pytest.approx(np.sum(kc * lc) / np.sqrt(np.sum(kc * kc) * np.sum(lc * lc)), rel=1e-7)
+    k, l = x @ x.T, y @ y.T
+    # The U-statistic over all 4-tuples of 30 rows is too slow in Python: use its closed form
+    # (Song et al., eq. 5) on the raw Gram matrices, a route independent of the module's.
+    def u(k, l):
+        kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+        n, one = len(k), np.ones(len(k))
+        return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * one @ kt @ lt @ one) / (n * (n - 3))  # fmt: skip
+    assert debiased == pytest.approx(u(k, l) / math.sqrt(u(k, k) * u(l, l)), rel=1e-7)
+    assert (plug_in, debiased) == (pytest.approx(linear_cka(x, y), rel=1e-12),
+                                   pytest.approx(linear_cka(x, y, debiased=True), rel=1e-12))  # fmt: skip
+
+
 def test_debiased_cka_is_near_zero_for_independent_data():
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(200, 50, generator=g), torch.randn(200, 50, generator=g)
@@ -159,15 +189,17 @@ def test_mine_batched_recovers_gaussian_mutual_information():
 
 
 def test_mine_critics_of_a_batch_train_independently():
-    kw = dict(hidden=32, steps=40, lr=1e-3, batch_size=64, eval_every=10)
+    # float64: stacks of different sizes take different float32 matmul kernels, whose rounding
+    # training amplifies; in float64 any leak between critics would stand out from rounding.
+    kw = dict(hidden=32, steps=40, lr=1e-3, batch_size=64, eval_every=10, dtype=torch.float64)
     xa, ya, _ = correlated_gaussians(300, 2, 0.7, seed=10)
     xb, yb, _ = correlated_gaussians(300, 2, 0.2, seed=11)
     xc, yc, _ = correlated_gaussians(300, 2, 0.9, seed=12)
     with_b = estimate_mi_batched([xa, xb], [ya, yb], seed=3, **kw)
     with_c = estimate_mi_batched([xa, xc], [ya, yc], seed=3, **kw)
     alone = estimate_mi(xa, ya, seed=3, **kw)
-    assert with_b[0] == pytest.approx(with_c[0], abs=1e-5)
-    assert alone == pytest.approx(with_b[0], abs=1e-5)
+    assert with_b[0] == pytest.approx(with_c[0], abs=1e-9)
+    assert alone == pytest.approx(with_b[0], abs=1e-9)
     assert with_b[1] != pytest.approx(with_c[1], abs=1e-3)
     # Deterministic for a seed, different for another.
     assert estimate_mi(xa, ya, seed=3, **kw) == alone
@@ -194,18 +226,40 @@ def test_mine_with_the_job_defaults_recovers_gaussian_mutual_information():
 
 def test_mine_early_stopping_keeps_critics_independent():
     """Critics that stop early leave the stack; the others train on exactly as if alone."""
-    kw = dict(hidden=32, steps=60, lr=3e-3, batch_size=64, eval_every=5, patience=2)
+    kw = dict(hidden=32, steps=60, lr=3e-3, batch_size=64, eval_every=5, patience=2, dtype=torch.float64)
     xa, ya, _ = correlated_gaussians(400, 2, 0.7, seed=10)
     xb, yb, _ = correlated_gaussians(400, 2, 0.0, seed=11)  # nothing to learn: stops first
     both = train_critics([xa, xb], [ya, yb], seed=3, **kw)
     alone = train_critics([xa], [ya], seed=3, **kw)
     assert both.stop_step[1] < both.stop_step[0] <= kw["steps"]  # the stack was compacted
-    # float32 batched matmuls round differently with the stack size, and training amplifies it;
-    # training on another critic's Adam moments or EMA would move the estimate by far more.
-    assert both.mi[0] == pytest.approx(alone.mi[0], abs=1e-3)
+    # In float64 (see above) any use of another critic's Adam moments or EMA would show.
+    assert both.mi[0] == pytest.approx(alone.mi[0], abs=1e-9)
     assert both.best_step[0] == alone.best_step[0] and both.stop_step[0] == alone.stop_step[0]
     # The early-stopped critic ran exactly `patience` evaluations past its best one.
     assert both.best_step[1] == both.stop_step[1] - kw["patience"] * kw["eval_every"]
+
+
+def test_mine_critics_sharing_a_source_recover_gaussian_mutual_information():
+    """The job's layout: many x sources against one shared y source (a block's output at the
+    last state), stored once, with the job's default options; known answers per pair."""
+    from dtsweep.diagnostics.job import DEFAULT_OPTIONS
+
+    names = ("hidden", "layers", "steps", "batch_size", "lr", "eval_every", "patience", "eval_shuffles")
+    kw = {k: DEFAULT_OPTIONS["mine"][k] for k in names}
+    rng = np.random.default_rng(40)
+    n, rhos = 4096, [0.0, 0.5, 0.8]  # up to 0.5 nats: with 15 irrelevant y dims MINE falls short above
+    y = rng.standard_normal((n, 16)).astype(np.float32)  # 16 wide: most of y is irrelevant
+    xs = [(r * y[:, i] + math.sqrt(1 - r**2) * rng.standard_normal(n)).astype(np.float32)[:, None]
+          for i, r in enumerate(rhos)]  # fmt: skip
+    truth = [-0.5 * math.log(1 - r**2) for r in rhos]
+    shared = train_critic_pairs(xs, [y], [(i, 0) for i in range(len(xs))], seed=0, **kw)
+    for r, e, t in zip(rhos, shared.mi, truth):
+        tol = 0.03 if r == 0 else 0.1
+        assert abs(e - t) < tol, f"rho={r}: estimate {e:.3f}, true {t:.3f}"
+    # Sharing is storage only: the same critics given private copies of y estimate the same.
+    copies = train_critics(xs, [y] * len(xs), seed=0, **kw)
+    np.testing.assert_allclose(shared.mi, copies.mi, atol=1e-4)
+    np.testing.assert_array_equal(shared.best_step, copies.best_step)
 
 
 def test_mine_rejects_mismatched_samples():
@@ -514,7 +568,7 @@ def test_diagnose_writes_every_kind_for_every_trial_and_resumes(trained_sweep):
     assert att["distance_tokens"].between(0, 3 * k - 1).all()
 
     timings = pd.read_parquet(f"{sweep_dir}/diagnostics/timings.parquet")
-    assert len(timings) == 2 * len(KINDS) and (timings["seconds"] > 0).all()
+    assert len(timings) == 2 * len(KINDS) and (timings["seconds"] > 0).all() and (timings["cpu_seconds"] > 0).all()
 
 
 def test_gradients_of_a_frozen_trial_leave_the_frozen_backbone_out(tmp_path, data_cache):
@@ -549,3 +603,27 @@ def test_gradients_of_a_frozen_trial_leave_the_frozen_backbone_out(tmp_path, dat
     # Same weights, same windows: leaving tensors out can only shorten each sample's gradient.
     norms = {f: df.loc[df["row"] == "sample", "grad_norm"].to_numpy() for f, df in rows.items()}
     assert (norms["blocks"] < norms["none"]).all()
+
+
+def test_plan_costs_diagnostics_from_the_measured_figures():
+    """`plan`'s diagnostics estimate (dtsweep.costs) uses the job's own settings and scales with size."""
+    from dtsweep.costs import (
+        DIAGNOSTICS_CPU_SECONDS,
+        MINE_HIDDEN,
+        diagnostics_estimate,
+        estimate,
+    )
+    from dtsweep.diagnostics.job import DEFAULT_OPTIONS, KINDS
+    from dtsweep.spec import load_spec
+
+    assert MINE_HIDDEN == DEFAULT_OPTIONS["mine"]["hidden"] and set(DIAGNOSTICS_CPU_SECONDS) == set(KINDS)
+    root = Path(__file__).resolve().parents[1]
+    trial = load_spec(root / "sweeps/quickstart.yaml").trials()[0]  # the reference shape itself
+    est = diagnostics_estimate(trial)
+    assert est == pytest.approx(DIAGNOSTICS_CPU_SECONDS)
+    assert estimate(trial).diagnostics_cpu_hours == pytest.approx(sum(est.values()) / 3600)
+    wider = dataclasses.replace(trial, model={**trial.model, "n_embd": 256})
+    assert all(diagnostics_estimate(wider)[k] > est[k] for k in KINDS)
+    # No epoch-1 checkpoint: no gradients to measure, and nothing to cost for them.
+    no_epoch_1 = dataclasses.replace(trial, checkpoint_epochs=(0, trial.epochs))
+    assert set(diagnostics_estimate(no_epoch_1)) == set(KINDS) - {"gradients"}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["linear_cka"]
+__all__ = ["linear_cka", "linear_cka_both"]
 
 
 def _as_float64(a) -> torch.Tensor:
@@ -64,6 +64,41 @@ def _unbiased_hsic(tr_kl: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tor
     return tr_kl - kd @ ld + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)
 
 
+def linear_cka_both(x, y) -> tuple[float, float]:
+    """(plug-in, debiased) linear CKA between x [n, d1] and y [n, d2], n ≥ 4, from one set of products.
+
+    Both estimators need the same three traces tr(KL), tr(KK), tr(LL); the debiased one adds
+    only O(n·d) terms. Computing them once halves the cost of asking for both (`diagnose`
+    reports both for every activation). Each value is what `linear_cka` returns for it.
+    """
+    x, y = _prepare(x, y, 4)
+    xy, xx, yy = _products(x, y)
+    plug_in = _ratio(xy, xx, yy)
+    debiased = _ratio(_unbiased_hsic(xy, x, y), _unbiased_hsic(xx, x, x), _unbiased_hsic(yy, y, y))
+    return plug_in, debiased
+
+
+def _prepare(x, y, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides as centred float64 [n, d] tensors on x's device, checked."""
+    x, y = _as_float64(x), _as_float64(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]} rows")
+    n = x.shape[0]
+    if n < min_n:
+        raise ValueError(f"need at least {min_n} examples, got {n}")
+    y = y.to(x.device)
+    # The U-statistic is already shift-invariant; centring it too only improves rounding.
+    return x - x.mean(0), y - y.mean(0)
+
+
+def _ratio(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> float:
+    # Both estimators are HSIC(K, L) up to a factor that depends on n only, which cancels.
+    denom = torch.sqrt(xx * yy)
+    if denom == 0:
+        return float("nan")
+    return float(xy / denom)
+
+
 def linear_cka(x, y, debiased: bool = False) -> float:
     """Linear CKA between x [n, d1] and y [n, d2] (rows = the same n examples, e.g. tokens).
 
@@ -72,21 +107,8 @@ def linear_cka(x, y, debiased: bool = False) -> float:
     isotropic scaling and to a shift of the features. NaN if either side is constant across the
     n examples (no variance to align). Accepts numpy arrays or torch tensors on any device.
     """
-    x, y = _as_float64(x), _as_float64(y)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]} rows")
-    n = x.shape[0]
-    if n < (4 if debiased else 2):
-        raise ValueError(f"need at least {4 if debiased else 2} examples, got {n}")
-    y = y.to(x.device)
-    # The U-statistic is already shift-invariant; centring it too only improves rounding.
-    x = x - x.mean(0)
-    y = y - y.mean(0)
-    # Both estimators are HSIC(K, L) up to a factor that depends on n only, which cancels.
+    x, y = _prepare(x, y, 4 if debiased else 2)
     xy, xx, yy = _products(x, y)
     if debiased:
         xy, xx, yy = _unbiased_hsic(xy, x, y), _unbiased_hsic(xx, x, x), _unbiased_hsic(yy, y, y)
-    denom = torch.sqrt(xx * yy)
-    if denom == 0:
-        return float("nan")
-    return float(xy / denom)
+    return _ratio(xy, xx, yy)

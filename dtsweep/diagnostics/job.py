@@ -5,7 +5,8 @@ GPU) rebuilds the trial's model from its Parquet checkpoints, measures, and writ
 that item atomically to `diagnostics/parts/<kind>/<trial_id>.parquet`. An item whose part
 exists is done: a rerun (after a crash, or after adding seeds to the sweep) measures only what
 is missing. At the end the parts of each kind are concatenated into `diagnostics/<kind>.parquet`
-and the time each item took goes to `diagnostics/timings.parquet`.
+and the time each item took goes to `diagnostics/timings.parquet` (trial_id, kind, init, n_rows,
+seconds: wall clock, cpu_seconds: CPU time of the worker process, device, n_params).
 
 Every row carries the trial columns (trial_id, study, init, env, dataset, context_len,
 swap_block, seed), then, per kind ("final" = the trial's last epoch):
@@ -60,11 +61,12 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from dtsweep.costs import diagnostics_seconds
 from dtsweep.data import load_dataset, read_d4rl_hdf5, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
-from dtsweep.diagnostics.cka import linear_cka
+from dtsweep.diagnostics.cka import linear_cka_both
 from dtsweep.diagnostics.gradients import CLIP_NORM, dt_gradient_stats
-from dtsweep.diagnostics.mine import train_critics
+from dtsweep.diagnostics.mine import train_critic_pairs
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
 from dtsweep.inputs import fetch_file, published_dataset
 from dtsweep.models import FREEZE, DecisionTransformer
@@ -84,13 +86,16 @@ TIMINGS = "diagnostics/timings.parquet"
 # at batch 256, i.e. ~2.5 CPU-hours per trial for 1000 steps; 3×64 critics with Adam at 1e-3
 # stop early on the validation bound after a few hundred steps instead (benchmarks/README.md,
 # "Diagnostics cost"). Pass {"mine": {"hidden": 400, "lr": 1e-4, "patience": None}} for the
-# paper's critic. FAST_OPTIONS make a CPU smoke run (tests) take seconds per trial; MINE then
-# underestimates (see the `diagnose --fast` help).
+# paper's critic. critics_per_call None trains every critic of a trial as one stack (the samples
+# are stored once per token representation, not per critic, so memory is the model's activations
+# plus a few [critics, batch, hidden] tensors); a number bounds the stack, e.g. for GPU memory.
+# FAST_OPTIONS make a CPU smoke run (tests) take seconds per trial; MINE then underestimates
+# (see the `diagnose --fast` help and benchmarks/README.md, "Diagnostics cost").
 DEFAULT_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 1024, "chunk": 256},
     "mine": {"n_windows": 4096, "hidden": 64, "layers": 3, "steps": 1000, "batch_size": 128,
              "lr": 1e-3, "eval_every": 25, "patience": 4, "eval_shuffles": 8,
-             "critics_per_call": 128, "chunk": 256, "depths": ["shallow", "middle", "deep"]},
+             "critics_per_call": None, "chunk": 256, "depths": ["shallow", "middle", "deep"]},
     "params": {},
     "gradients": {"n_samples": None, "max_elements": None},  # None: trial batch size; by memory
     "attention": {"n_windows": 256},
@@ -139,51 +144,16 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 TIMINGS_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("kind", pa.string()), ("init", pa.string()), ("n_rows", pa.int64()),
-     ("seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64())]
+     ("seconds", pa.float64()), ("cpu_seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64())]
 )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost model (for `plan`)
+# Cost model (for `plan`): dtsweep.costs holds the measured per-kind figures and their scaling,
+# so that `plan` need not import torch. estimated_seconds(kind, n_layer, n_embd, context_len, ...)
+# is dtsweep.costs.diagnostics_seconds.
 
-# CPU seconds of one core per trial with DEFAULT_OPTIONS, measured on a ChibiT-size DT
-# (3 layers, 128 wide, K = 20, batch 64, 3 saved epochs) with benchmarks/diagnostics.py on a
-# shared machine (MINE: a trained quickstart checkpoint); see
-# benchmarks/README.md, "Diagnostics cost". The shapes below scale them to other sizes.
-REFERENCE_SHAPE = {"n_layer": 3, "n_embd": 128, "context_len": 20}
-REFERENCE_CPU_SECONDS = {"cka": 7.0, "mine": 255.0, "params": 0.02, "gradients": 0.5, "attention": 1.5}
-
-
-def estimated_seconds(kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64,
-                      n_epochs_saved: int = 3) -> float:
-    """Rough CPU seconds (one core, DEFAULT_OPTIONS) that diagnostic `kind` takes for one trial.
-
-    Scales REFERENCE_CPU_SECONDS by the work that grows with the model: forwards and feature
-    products ∝ n_layer · n_embd² · K (cka, attention × saved epochs, gradients × batch), tensor
-    sizes ∝ n_layer · n_embd² (params), and MINE ∝ its number of critics (3K − 1 positions ×
-    up to 3 blocks) × a critic's per-row cost, whose first layer grows with n_embd. A GPU is
-    many times faster; divide by a measured speed-up rather than trusting this for GPUs.
-    """
-    ref = REFERENCE_SHAPE
-    body = (n_layer * n_embd**2 * context_len) / (ref["n_layer"] * ref["n_embd"] ** 2 * ref["context_len"])
-    if kind == "cka":
-        return REFERENCE_CPU_SECONDS["cka"] * body
-    if kind == "attention":
-        return REFERENCE_CPU_SECONDS["attention"] * body * n_epochs_saved / 3
-    if kind == "gradients":
-        return REFERENCE_CPU_SECONDS["gradients"] * body * batch_size / 64
-    if kind == "params":
-        return REFERENCE_CPU_SECONDS["params"] * body * ref["context_len"] / context_len
-    if kind == "mine":
-        hidden = DEFAULT_OPTIONS["mine"]["hidden"]
-
-        def critic_cost(width: int) -> float:  # multiply-adds per row of a 3-layer critic
-            return (width + 11) * hidden + 2 * hidden * hidden
-
-        critics = (3 * context_len - 1) * len(mine_blocks(n_layer))
-        ref_critics = (3 * ref["context_len"] - 1) * len(mine_blocks(ref["n_layer"]))
-        return REFERENCE_CPU_SECONDS["mine"] * critics / ref_critics * critic_cost(n_embd) / critic_cost(ref["n_embd"])
-    raise ValueError(f"unknown diagnostic kind {kind!r}; kinds: {KINDS}")
+estimated_seconds = diagnostics_seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +271,7 @@ def measure_cka(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict]
         block, module = layer.split(".", 2)[1:]
         for t, token in enumerate(TOKEN_TYPES):
             a, b = acts[first][layer][:, t], acts[final][layer][:, t]
+            plug_in, debiased = linear_cka_both(a, b)  # one set of feature products for both
             rows.append(
                 {
                     "epoch_a": first,
@@ -310,8 +281,8 @@ def measure_cka(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict]
                     "module": module,
                     "layer_index": index,
                     "token": token,
-                    "cka": linear_cka(a, b),
-                    "cka_debiased": linear_cka(a, b, debiased=True),
+                    "cka": plug_in,
+                    "cka_debiased": debiased,
                     "n": a.shape[0],
                     "width": a.shape[1],
                 }
@@ -346,23 +317,30 @@ def measure_mine(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict
     inputs = []  # token_index -> raw input token [n, d]
     for t in range(k):
         inputs += [batch["returns_to_go"][:, t], batch["states"][:, t], batch["actions"][:, t]]
-    last_state, last_action = 3 * k - 2, batch["actions"][:, k - 1]
+    last_state = 3 * k - 2
     positions = range(3 * k - 1)  # every token but a_K
 
-    specs, xs, ys = [], [], []
-    for b in blocks:
+    # Sources: the 3K raw input tokens (x) and each measured block's output at the 3K − 1
+    # positions but a_K (y). Every critic pairs one of each; a source is stored once however
+    # many critics use it (the last state's output is the y of all 3K − 1 "X" critics).
+    blist = list(blocks)
+    y_sources = [hidden[b][:, j] for b in blist for j in positions]
+
+    def y_of(b: int, j: int) -> int:
+        return blist.index(b) * len(positions) + j
+
+    specs, pairs = [], []
+    for b in blist:
         for j in positions:
             specs.append((b, "X", j))
-            xs.append(inputs[j])
-            ys.append(hidden[b][:, last_state])
+            pairs.append((j, y_of(b, last_state)))
             specs.append((b, "Y", j))
-            xs.append(last_action)
-            ys.append(hidden[b][:, j])
+            pairs.append((3 * k - 1, y_of(b, j)))  # inputs[3K − 1] is a_K
     per_call = opt.get("critics_per_call") or len(specs)
     names = ("hidden", "layers", "steps", "batch_size", "lr", "eval_every", "patience", "eval_shuffles")
     kw = {name: opt[name] for name in names if name in opt}
     results = [
-        train_critics(xs[i : i + per_call], ys[i : i + per_call], seed=trial.seed + i, **kw)
+        train_critic_pairs(inputs, y_sources, pairs[i : i + per_call], seed=trial.seed + i, **kw)
         for i in range(0, len(specs), per_call)
     ]
     mi = np.concatenate([r.mi for r in results])
@@ -500,9 +478,10 @@ class DiagnosticsWorker:
         ckpts = {int(e): p for e, p in json.loads(item["checkpoints_json"]).items()}
         kind = item["kind"]
         self.ctx.published[(trial.dataset, trial.data.steps, trial.data.seed)] = json.loads(item.get("dataset_json") or "null")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         status = {"trial_id": item["trial_id"], "kind": kind, "init": trial.init, "device": str(self.ctx.device),
-                  "n_params": item["n_params"], "n_rows": 0, "seconds": 0.0, "error": None}  # fmt: skip
+                  "n_params": item["n_params"], "n_rows": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+                  "error": None}  # fmt: skip
         try:
             rows = MEASURES[kind](self.ctx, trial, ckpts)
         except Exception as e:  # one trial's failure must not discard the other items' work
@@ -511,7 +490,9 @@ class DiagnosticsWorker:
         columns = trial.columns()
         table = table_from_rows([{**columns, **r} for r in rows], SCHEMAS[kind])
         self.store.write_table(_part(kind, trial.trial_id), table)
-        status.update(n_rows=len(rows), seconds=time.perf_counter() - t0)
+        # CPU seconds of the actor process: on a shared machine, what the item costs a core of
+        # its own (wall seconds also count the time other processes held the core).
+        status.update(n_rows=len(rows), seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
         return status
 
 
