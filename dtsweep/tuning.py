@@ -51,14 +51,23 @@ def train_trial(config: dict) -> None:
     def report(row: dict, r: TrialRunner) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
         metrics["epochs_total"] = trial.epochs
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(r.resume_state(), Path(d) / RESUME_FILE)
-            # The size lets a later driver tell a complete upload from one cut off mid-copy.
-            size = (Path(d) / RESUME_FILE).stat().st_size
-            (Path(d) / "resume.json").write_text(json.dumps({"trial_id": r.tid, "epoch": r.epoch, "resume_bytes": size}))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        report_epoch(metrics, r.resume_state())
 
     runner.run(on_epoch=report)
+
+
+def report_epoch(metrics: dict, state: dict) -> None:
+    """tune.report(metrics) with a resume checkpoint: `state` (with "trial_id" and "epoch") as
+    resume.pt, and resume.json recording its size."""
+    import torch
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / RESUME_FILE)
+        # The size lets a later driver tell a complete upload from one cut off mid-copy.
+        size = (Path(d) / RESUME_FILE).stat().st_size
+        (Path(d) / "resume.json").write_text(json.dumps({"trial_id": state["trial_id"], "epoch": state["epoch"], "resume_bytes": size}))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None, **extra) -> dict:
