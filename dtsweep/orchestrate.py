@@ -19,6 +19,8 @@ from dtsweep.sweepdir import (
     compact,
     epochs_done,
     latest_resume_checkpoints,
+    RESUME_DIR,
+    list_files,
     prune_resume_states,
     readable_rows,
     repair,
@@ -61,9 +63,13 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, retry_failed: bool
         finally:
             ledger.close()  # trials.parquet complete, also after an interrupt
         finished = {tid for tid, r in ledger.rows.items() if r["status"] == "finished"}
+        # Each trial's resume state goes when the ledger records it finished; these are the
+        # ones a killed driver left behind.
         freed = prune_resume_states(store, finished)
         if freed:
-            log(f"deleted the resume states of finished trials under {store.uri('_tune')} ({freed / 1e6:,.1f} MB)")
+            log(f"deleted the resume states of finished trials under {store.uri(RESUME_DIR)} ({freed / 1e6:,.1f} MB)")
+        if store.exists(RESUME_DIR) and not list_files(store, RESUME_DIR, recursive=True):
+            store.fs.delete_dir(store.path(RESUME_DIR))  # nothing left to resume: no empty folder either
         return summary
 
 

@@ -644,6 +644,8 @@ def best_study(group: Group, row: dict) -> dict:
     if t.model:
         study["model"] = dict(t.model)
     study["checkpoint_epochs"] = list(t.checkpoint_epochs)
+    if t.checkpoint_dtype != "float32":  # part of the trial id when set
+        study["checkpoint_dtype"] = t.checkpoint_dtype
     return study
 
 

@@ -5,7 +5,7 @@ lives here, below both the grid runner (`dtsweep.orchestrate`) and the search ru
 (`dtsweep.search`). The source of truth is the directory itself, not Tune's experiment state:
 - a trial is *finished* when `metrics/<trial_id>.parquet` holds its final epoch;
 - `trials.parquet` (the ledger) records each trial's status and last error;
-- the latest resume state of a trial is its newest complete Tune checkpoint under `_tune/`.
+- the latest resume state of a trial is its newest file under `_tune/resume/<trial_id>/`.
 
 Costs stay flat in the number of trials (issue 16): a state change writes one small record
 (`_ledger/<trial_id>.json`) that is merged into `trials.parquet` at intervals and at the end of
@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import re
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,10 +36,12 @@ import pyarrow.parquet as pq
 
 from dtsweep.schemas import CHECKPOINTS_SCHEMA, METRICS_SCHEMA, PROVENANCE_COLUMNS, TRIALS_SCHEMA
 from dtsweep.spec import SweepSpec, Trial, resolved_yaml
-from dtsweep.store import Store, lease_state, read_checkpoint_metadata, read_lease, sha256_file, table_from_rows
+from dtsweep.store import Store, lease_state, resolve, read_checkpoint_metadata, read_lease, sha256_file, table_from_rows
 
 TUNE_DIR = "_tune"
 RESUME_FILE = "resume.pt"
+# Resume states of unfinished trials (`save_resume_state`), beside Tune's run directories.
+RESUME_DIR = f"{TUNE_DIR}/resume"
 # Per-trial state records written on each state change, merged into trials.parquet at intervals.
 LEDGER_DIR = "_ledger"
 # Seconds between merges of the state records into trials.parquet during a run (a reader of
@@ -268,8 +271,11 @@ class Ledger:
         return self.rows[tid]["status"]
 
     def set(self, tid: str, status: str, error: str | None = None) -> None:
-        """Record a state change: one metrics-file read and one small record written."""
+        """Record a state change: one metrics-file read and one small record written.
+        A trial recorded finished (all its epochs on storage) loses its resume state."""
         row = trial_row(self.trials[tid], status, epochs_done(self.store, tid), error)
+        if status == "finished" and row["epochs_done"] >= row["epochs"]:
+            prune_resume_states(self.store, {tid}, folder=f"{RESUME_DIR}/{tid}")
         with self._lock:
             self.rows[tid] = row
             _write_ledger_bytes(self.store, f"{LEDGER_DIR}/{tid}.json", _record_bytes(self._full(row)), "records")
@@ -332,68 +338,83 @@ class Ledger:
                 self.write()
 
 
-# ---- resume states under _tune/
+# ---- resume states: `_tune/resume/<trial_id>/epoch=<n>.pt`
 
 
-def _resume_candidates(store: Store) -> dict[str, list[tuple[str, int]]]:
-    """trial_id -> [(checkpoint dir, size of its resume.pt or -1)] under _tune/: one recursive listing.
-
-    Tune's layout: `_tune/<run>/<trial_id>/checkpoint_<n>/{resume.pt,resume.json}`."""
-    out: dict[str, dict[str, int]] = {}
-    for rel, (size, _) in list_files(store, TUNE_DIR, recursive=True).items():
-        parts = rel.split("/")
-        if len(parts) != 5 or not parts[3].startswith("checkpoint_") or parts[4] not in (RESUME_FILE, "resume.json"):
-            continue
-        ck = "/".join(parts[:4])
-        d = out.setdefault(parts[2], {})
-        if parts[4] == RESUME_FILE:
-            d[ck] = size
-        else:
-            d.setdefault(ck, -1)
-    return {tid: sorted(d.items()) for tid, d in out.items()}
+def resume_state_rel(trial_id: str, epoch: int) -> str:
+    return f"{RESUME_DIR}/{trial_id}/epoch={epoch}.pt"
 
 
-def latest_resume_checkpoints(store: Store, trial_ids: set[str] | None = None) -> dict[str, tuple[int, str]]:
-    """trial_id -> (epoch, checkpoint dir) of the newest complete Tune checkpoint of earlier runs.
+def save_resume_state(store: Store, state: dict) -> str:
+    """Write a trial's resume state (`TrialRunner.resume_state()`: "trial_id", "epoch", tensors)
+    as `_tune/resume/<trial_id>/epoch=<n>.pt`, then delete its older ones; returns the new one.
 
-    A driver or node killed while a worker uploads a checkpoint can leave a partial one;
-    it is skipped (resume.pt shorter than resume.json records) and an older one is used:
-    Tune deletes the previous checkpoint only after the new one has been reported.
-    One listing of `_tune/`; one small read per checkpoint of the trials asked for
-    (`trial_ids`; None: all). Finished trials have none left (`prune_resume_states`).
+    Written to a temporary name and moved into place, so a listing never shows a partial file
+    (a worker killed mid-upload leaves only a `.tmp-` file, which listings skip). dtsweep
+    writes these itself instead of handing Tune checkpoints: with one kept checkpoint per
+    trial, Tune rewrites its whole experiment state (every trial's config) after each one,
+    a cost that grows with the number of trials (issue 16).
     """
+    import torch
+
+    tid, epoch = state["trial_id"], int(state["epoch"])
+    rel = resume_state_rel(tid, epoch)
+    folder = f"{RESUME_DIR}/{tid}"
+    store.makedirs(folder)
+    tmp = f"{folder}/.tmp-{os.urandom(6).hex()}-epoch={epoch}.pt"
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, RESUME_FILE)
+        torch.save(state, local)  # a local file first: a GPT-2 state (~1.5 GB) is not held twice in memory
+        pafs.copy_files(local, store.path(tmp), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=store.fs)
+    store.move(tmp, rel)
+    for older in list_files(store, folder, ".pt"):
+        if older != rel:
+            store.delete(older)
+    return store.uri(rel)
+
+
+def latest_resume_state(store: Store, trial_id: str) -> tuple[int, str] | None:
+    """(epoch, location) of one trial's newest resume state, or None: one listing of its folder."""
+    found = latest_resume_checkpoints(store, {trial_id}, folder=f"{RESUME_DIR}/{trial_id}")
+    return found.get(trial_id)
+
+
+def load_resume_state(location: str) -> dict:
+    """A resume state written by `save_resume_state` (local path or URI), tensors on the CPU."""
+    import io
+
+    import torch
+
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
+
+
+def latest_resume_checkpoints(store: Store, trial_ids: set[str] | None = None, *,
+                              folder: str = RESUME_DIR) -> dict[str, tuple[int, str]]:  # fmt: skip
+    """trial_id -> (epoch, location) of the newest resume state of each trial (of `trial_ids`;
+    None: all), from one listing of `_tune/resume/` (no reads). Finished trials have none left
+    (`prune_resume_states`)."""
     best: dict[str, tuple[int, str]] = {}
-    for tid, cks in _resume_candidates(store).items():
-        if trial_ids is not None and tid not in trial_ids:
+    for rel in list_files(store, folder, ".pt", recursive=True):
+        parts = rel.split("/")
+        m = re.fullmatch(r"epoch=(\d+)\.pt", parts[-1])
+        if m is None or len(parts) != 4 or (trial_ids is not None and parts[2] not in trial_ids):
             continue
-        for rel, size in cks:
-            epoch = _complete_checkpoint_epoch(store, rel, size)
-            if epoch is not None and epoch > best.get(tid, (-1, ""))[0]:
-                best[tid] = (epoch, store.uri(rel))
+        if int(m[1]) > best.get(parts[2], (-1, ""))[0]:
+            best[parts[2]] = (int(m[1]), store.uri(rel))
     return best
 
 
-def _complete_checkpoint_epoch(store: Store, rel: str, size: int) -> int | None:
-    """The epoch of the resume checkpoint in `rel` whose resume.pt has `size` bytes (-1: absent),
-    or None if it is missing or incomplete."""
-    try:
-        meta = json.loads(store.read_bytes(f"{rel}/resume.json"))
-    except (OSError, ValueError):  # gone, or cut off mid-write
-        return None
-    if size < 0 or size != meta.get("resume_bytes"):
-        return None
-    return int(meta["epoch"])
-
-
-def prune_resume_states(store: Store, finished: set[str]) -> int:
-    """Delete the resume states (Tune checkpoints under `_tune/`) of `finished` trials; returns
-    the bytes freed. A finished trial's outputs hold everything; its weights + AdamW moments
-    would only take space (issue 16). Unfinished trials keep theirs and resume from them."""
+def prune_resume_states(store: Store, finished: set[str], *, folder: str = RESUME_DIR) -> int:
+    """Delete the resume states of `finished` trials found under `folder`; returns the bytes
+    freed. A finished trial's outputs hold everything; its weights + AdamW moments would only
+    take space (issue 16). Unfinished trials keep theirs and resume from them. One listing."""
     freed, dirs = 0, set()
-    for rel, (size, _) in list_files(store, TUNE_DIR, recursive=True).items():
+    for rel, (size, _) in list_files(store, folder, recursive=True).items():
         parts = rel.split("/")
-        if len(parts) >= 5 and parts[2] in finished and parts[3].startswith("checkpoint_"):
-            dirs.add("/".join(parts[:4]))
+        if len(parts) == 4 and parts[2] in finished:
+            dirs.add("/".join(parts[:3]))
             freed += size
     for rel in sorted(dirs):
         store.fs.delete_dir(store.path(rel))
@@ -498,11 +519,16 @@ def stale_compacted(store: Store) -> dict[str, str]:
     """{"metrics.parquet"|"checkpoints.parquet": why it must be rebuilt} for each compacted file
     that is missing, unreadable, or out of date with the per-trial files.
 
-    Out of date: its manifest differs from a listing of the per-trial files (one listing, no
-    reads); a file without a manifest (older versions) is compared on row counts."""
+    Out of date: it holds another number of rows than the per-trial files. Only the per-trial
+    files that its manifest does not show unchanged are read (their footers); with an
+    up-to-date manifest this is one listing per directory. A file without a manifest (older
+    versions) has every footer read. A copied sweep directory (new mtimes) reads them all too.
+    """
     out = {}
     index, _ = checkpoint_listing(store)
-    for name, parts in (("metrics.parquet", list_files(store, "metrics", ".parquet")), ("checkpoints.parquet", index)):
+    sources = {"metrics.parquet": (list_files(store, "metrics", ".parquet"), _tid_of_metrics),
+               "checkpoints.parquet": (index, lambda rel: rel.split("/")[1])}  # fmt: skip
+    for name, (parts, tid_of) in sources.items():
         if not store.exists(name):
             out[name] = "missing"
             continue
@@ -510,13 +536,17 @@ def stale_compacted(store: Store) -> dict[str, str]:
         if have is None:
             out[name] = "unreadable"
             continue
-        manifest = read_manifest(store, name)
-        if manifest is not None:
-            changed = sum(manifest.get(rel) != parts.get(rel) for rel in set(manifest) | set(parts))
-            if changed:
-                out[name] = f"stale ({changed} per-trial files changed since it was built)"
+        manifest = read_manifest(store, name) or {}
+        changed = [rel for rel in sorted(set(manifest) | set(parts)) if manifest.get(rel) != parts.get(rel)]
+        if not changed:
             continue
-        want = sum(_parquet_rows(store, p) or 0 for p in parts)
+        if manifest:  # rows the compacted file holds for the changed trials
+            tids = store.read_table(name, columns=["trial_id"]).column("trial_id").value_counts().to_pylist()
+            per_trial = {d["values"]: d["counts"] for d in tids}
+            had = sum(per_trial.get(tid_of(rel), 0) for rel in changed)
+        else:
+            had = have
+        want = have - had + sum(_parquet_rows(store, rel) or 0 for rel in changed if rel in parts)
         if have != want:
             out[name] = f"stale ({have} rows, the per-trial files hold {want})"
     return out

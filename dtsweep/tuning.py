@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import Store
-from dtsweep.sweepdir import RESUME_FILE, TUNE_DIR, Ledger
+from dtsweep.sweepdir import TUNE_DIR, Ledger, latest_resume_state, load_resume_state, save_resume_state
 
 # --------------------------------------------------------------------------------------
 # The trainable (runs in a Ray worker)
@@ -29,10 +27,7 @@ from dtsweep.sweepdir import RESUME_FILE, TUNE_DIR, Ledger
 
 
 def train_trial(config: dict) -> None:
-    """Tune function trainable: run one trial, reporting each epoch with a resume checkpoint."""
-    import torch
-    from ray import tune
-
+    """Tune function trainable: run one trial, saving a resume state and reporting each epoch."""
     from dtsweep.train import TrialRunner, set_threads_for_trial
 
     job = config["job"]
@@ -41,33 +36,27 @@ def train_trial(config: dict) -> None:
     # The driver resolved the dataset once (inputs.prepare_datasets); the runner reads that file.
     runner = TrialRunner(trial, Store(job["sweep_dir"]), dataset=job.get("dataset"))
 
-    checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
-    if checkpoint is None and job.get("resume_from"):
-        checkpoint = tune.Checkpoint(job["resume_from"])  # left by an earlier driver
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            runner.load_resume_state(torch.load(Path(d) / RESUME_FILE, weights_only=True, map_location="cpu"))
+    # The newest resume state on storage: left by an earlier driver, or by this trial before
+    # Tune restarted it (a lost node, an error). Looked up here rather than taken from the
+    # driver, which may know an older one.
+    resume = latest_resume_state(runner.store, trial.trial_id)
+    if resume is not None:
+        runner.load_resume_state(load_resume_state(resume[1]))
 
     def report(row: dict, r: TrialRunner) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
         metrics["epochs_total"] = trial.epochs
-        report_epoch(metrics, r.resume_state())
+        report_epoch(metrics, r.resume_state(), r.store)
 
     runner.run(on_epoch=report)
 
 
-def report_epoch(metrics: dict, state: dict) -> None:
-    """tune.report(metrics) with a resume checkpoint: `state` (with "trial_id" and "epoch") as
-    resume.pt, and resume.json recording its size."""
-    import torch
+def report_epoch(metrics: dict, state: dict, store: Store) -> None:
+    """Save `state` (with "trial_id" and "epoch") as the trial's resume state, then tune.report(metrics)."""
     from ray import tune
 
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / RESUME_FILE)
-        # The size lets a later driver tell a complete upload from one cut off mid-copy.
-        size = (Path(d) / RESUME_FILE).stat().st_size
-        (Path(d) / "resume.json").write_text(json.dumps({"trial_id": state["trial_id"], "epoch": state["epoch"], "resume_bytes": size}))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+    save_resume_state(store, state)
+    tune.report(metrics)
 
 
 def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None, **extra) -> dict:

@@ -493,13 +493,22 @@ class TrialRunner:
             "backbone_config": backbone_config_dict(self.model),
             "trial": self.trial.to_dict(),
             "provenance": self.provenance,
+            "checkpoint_dtype": self.trial.checkpoint_dtype,
         }
-        stats = write_checkpoint(self.store, rel, self.model.state_dict(), meta)
+        stats = write_checkpoint(self.store, rel, checkpoint_state(self.model.state_dict(), self.trial.checkpoint_dtype), meta)
         row = {"trial_id": self.tid, "epoch": self.epoch, "path": rel, **stats}  # relative: the sweep dir can move
         self.checkpoint_rows = [r for r in self.checkpoint_rows if r["epoch"] != self.epoch] + [row]
         self.store.write_table(
             f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA)
         )
+
+
+def checkpoint_state(state_dict: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors an analysis checkpoint stores: floating-point ones cast to `dtype` (a
+    `checkpoint_dtype` of the spec: float32, bfloat16 or float16), the others (integer and
+    boolean buffers) as they are. Training continues on the unrounded weights."""
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if torch.is_floating_point(v) and v.dtype != target else v for k, v in state_dict.items()}
 
 
 def _on_cpu(obj):
