@@ -8,8 +8,8 @@ Runs the real orchestration path — spec -> ledger -> Ray Tune -> Store -> comp
 — through `dtsweep.orchestrate.run_sweep`, with ONE substitution: the Tune trainable does no
 training. It writes what a real trial writes, with the real writers (a metrics row per epoch
 through `Store.write_table`, an analysis checkpoint of a 4-element tensor through
-`write_checkpoint` at the spec's checkpoint epochs, its checkpoint index) and reports each epoch
-to Tune with a resume checkpoint through `dtsweep.tuning.report_epoch`, like `train_trial`.
+`write_checkpoint` at the spec's checkpoint epochs, its checkpoint index), and saves a resume
+state and reports each epoch to Tune through `dtsweep.tuning.report_epoch`, like `train_trial`.
 So every second measured is orchestration cost: Ray Tune's scheduling and checkpoint handling,
 the ledger, the per-trial files, compaction.
 
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 SUBSTITUTION = (
     "the Tune trainable does no training: it writes each epoch's metrics row, the analysis "
-    "checkpoints (a 4-element tensor) and their index with dtsweep's writers and reports each "
-    "epoch to Tune with a resume checkpoint, as train_trial does; everything else is dtsweep's "
+    "checkpoints (a 4-element tensor) and their index with dtsweep's writers, and saves a resume "
+    "state and reports each epoch to Tune, as train_trial does; everything else is dtsweep's "
     "real run path (spec, ledger, Ray Tune, Store, compaction, status)"
 )
 
@@ -101,7 +101,7 @@ def make_trainable(started_log: str):
                          "train_loss": None if epoch == 0 else 0.0, "action_error": 0.0, "lr": trial.train.lr,
                          "wall_time_s": 0.0})  # fmt: skip
             store.write_table(f"metrics/{tid}.parquet", table_from_rows(rows, METRICS_SCHEMA))
-            report_epoch({"epoch": epoch, "epochs_total": trial.epochs}, {"trial_id": tid, "epoch": epoch, "model": weights})
+            report_epoch({"epoch": epoch, "epochs_total": trial.epochs}, {"trial_id": tid, "epoch": epoch, "model": weights}, store)
 
     return no_training_trial
 
