@@ -3,6 +3,7 @@
     python benchmarks/scale.py --quick --out r.json     # N = 100 and 1,000 (< 5 minutes on 2 cores)
     python benchmarks/scale.py --out r.json             # N = 100, 1,000 and 5,000
     python benchmarks/scale.py --n 20 --out r.json      # any N (the CI test uses a tiny one)
+    python benchmarks/scale.py --n 100 --finished 5000  # + rerun/status of a finished 5,000-trial sweep
 
 Runs the real orchestration path — spec -> ledger -> Ray Tune -> Store -> compaction -> status
 — through `dtsweep.orchestrate.run_sweep`, with ONE substitution: the Tune trainable does no
@@ -23,6 +24,8 @@ Per N it reports (seconds are wall-clock unless named cpu):
 - rerun_s: `run_sweep` again once every trial is finished (nothing to train);
 - status_s: `dtsweep.sweepdir.sweep_status` of the finished sweep;
 and top level `overhead_growth` = per_trial_overhead_s at the largest N / at the smallest.
+`finished_sweeps` (--finished, and the full run's 5,000): rerun_s and status_s of a finished
+sweep whose outputs were written with the same writers directly, not through Tune.
 On a machine shared with other jobs these are upper bounds: the load average is recorded.
 """
 
@@ -72,38 +75,85 @@ def scale_spec(storage: str, n: int) -> dict:
     }
 
 
+def write_trial_outputs(store, trial, on_epoch=None) -> None:
+    """What a trial writes, with dtsweep's writers, minus the training: per epoch a metrics row
+    (and an analysis checkpoint of a 4-element tensor at the spec's checkpoint epochs, with its
+    index); then `on_epoch(epoch, state)`."""
+    import torch
+
+    from dtsweep.schemas import CHECKPOINTS_SCHEMA, METRICS_SCHEMA
+    from dtsweep.store import table_from_rows, write_checkpoint
+
+    tid = trial.trial_id
+    weights = {"w": torch.zeros(4)}
+    rows, ck_rows = [], []
+    for epoch in range(trial.epochs + 1):
+        if epoch in trial.checkpoint_epochs:
+            rel = f"checkpoints/{tid}/epoch={epoch}.parquet"
+            stats = write_checkpoint(store, rel, weights, {"trial_id": tid, "epoch": epoch, "trial": trial.to_dict()})
+            ck_rows.append({"trial_id": tid, "epoch": epoch, "path": rel, **stats})
+            store.write_table(f"checkpoints/{tid}/index.parquet", table_from_rows(ck_rows, CHECKPOINTS_SCHEMA))
+        rows.append({**trial.columns(), "epoch": epoch, "step": epoch * trial.train.steps_per_epoch,
+                     "train_loss": None if epoch == 0 else 0.0, "action_error": 0.0, "lr": trial.train.lr,
+                     "wall_time_s": 0.0})  # fmt: skip
+        store.write_table(f"metrics/{tid}.parquet", table_from_rows(rows, METRICS_SCHEMA))
+        if on_epoch is not None:
+            on_epoch(epoch, {"trial_id": tid, "epoch": epoch, "model": weights})
+
+
 def make_trainable(started_log: str):
     """The substituted trainable (see the module docstring); it appends its start time
     (Unix seconds) to `started_log` so the driver can tell when the first trial ran."""
 
     def no_training_trial(config: dict) -> None:
-        import torch
-
-        from dtsweep.schemas import CHECKPOINTS_SCHEMA, METRICS_SCHEMA
         from dtsweep.spec import Trial
-        from dtsweep.store import Store, table_from_rows, write_checkpoint
-        from dtsweep.tuning import report_epoch
+        from dtsweep.store import Store
+        from dtsweep.tuning import job_of, report_epoch
 
         with open(started_log, "a") as f:  # one short append per trial: atomic on a local disk
             f.write(f"{time.time()}\n")
-        job = config["job"]
+        job = job_of(config)
         trial = Trial.from_dict(job["trial"])
-        store, tid = Store(job["sweep_dir"]), trial.trial_id
-        weights = {"w": torch.zeros(4)}
-        rows, ck_rows = [], []
-        for epoch in range(trial.epochs + 1):
-            if epoch in trial.checkpoint_epochs:
-                rel = f"checkpoints/{tid}/epoch={epoch}.parquet"
-                stats = write_checkpoint(store, rel, weights, {"trial_id": tid, "epoch": epoch, "trial": trial.to_dict()})
-                ck_rows.append({"trial_id": tid, "epoch": epoch, "path": rel, **stats})
-                store.write_table(f"checkpoints/{tid}/index.parquet", table_from_rows(ck_rows, CHECKPOINTS_SCHEMA))
-            rows.append({**trial.columns(), "epoch": epoch, "step": epoch * trial.train.steps_per_epoch,
-                         "train_loss": None if epoch == 0 else 0.0, "action_error": 0.0, "lr": trial.train.lr,
-                         "wall_time_s": 0.0})  # fmt: skip
-            store.write_table(f"metrics/{tid}.parquet", table_from_rows(rows, METRICS_SCHEMA))
-            report_epoch({"epoch": epoch, "epochs_total": trial.epochs}, {"trial_id": tid, "epoch": epoch, "model": weights}, store)
+        store = Store(job["sweep_dir"])
+        write_trial_outputs(store, trial, lambda epoch, state: report_epoch(
+            {"epoch": epoch, "epochs_total": trial.epochs}, state, store))  # fmt: skip
 
     return no_training_trial
+
+
+def measure_finished(n: int, workdir: Path, log) -> dict:
+    """rerun_s and status_s of a finished sweep of `n` trials whose outputs were written directly
+    (the writers above, the ledger, compaction), without running them through Tune: how long a
+    rerun of a finished N-trial sweep takes where running all N through Tune would take too long."""
+    from dtsweep.orchestrate import run_sweep
+    from dtsweep.spec import parse_spec
+    from dtsweep.store import Store
+    from dtsweep.sweepdir import Ledger, compact, sweep_status, trial_row, write_sweep_yaml
+
+    raw = scale_spec(str(workdir), n)
+    raw["name"] = f"finished-{n}"
+    spec = parse_spec(raw)
+    store = Store(spec.sweep_dir)
+    t0 = time.time()
+    for t in spec.trials():
+        write_trial_outputs(store, t)
+    write_sweep_yaml(store, spec)
+    ledger = Ledger(store, spec.trials())
+    for t in spec.trials():
+        ledger.rows[t.trial_id] = trial_row(t, "finished", t.epochs)
+    ledger.write()
+    compact(store)
+    log(f"finished sweep of {n} trials written in {time.time() - t0:.0f}s (not timed)")
+    t1 = time.time()
+    again = run_sweep(spec, log=lambda *_: None)
+    rerun_s = time.time() - t1
+    t2 = time.time()
+    st = sweep_status(spec.sweep_dir)
+    status_s = time.time() - t2
+    out = {"n_trials": n, "rerun_s": round(rerun_s, 2), "status_s": round(status_s, 2),
+           "all_finished": again.ran == 0 and again.skipped == n and st["counts"] == {"finished": n}}  # fmt: skip
+    log(f"finished N={n}: {json.dumps(out)}")
+    return out
 
 
 def count_files(root: Path, name: str) -> int:
@@ -150,7 +200,7 @@ def measure(n: int, workdir: Path, log) -> dict:
         "trials_parquet_bytes": (root / "trials.parquet").stat().st_size,
         "rerun_s": round(rerun_s, 2),
         "status_s": round(status_s, 2),
-        "resume_states_left": count_files(root / "_tune", "resume.pt"),
+        "resume_states_left": count_files(root / "_tune", "*.pt"),
         "ledger_records_left": count_files(root / "_ledger", "*.json"),
         "all_finished": bool(ok),
     }
@@ -176,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", help="trial counts to run (overrides --quick)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--workdir", help="where the sweeps go (default: a temporary directory, deleted)")
+    p.add_argument("--finished", type=int, nargs="*", default=None,
+                   help="also time rerun and status of finished sweeps of these sizes, written without Tune "
+                        "(default: 5000 unless --quick or --n)")  # fmt: skip
     args = p.parse_args(argv)
     ns = args.n or ([100, 1000] if args.quick else [100, 1000, 5000])
 
@@ -189,6 +242,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dtsweep-scale-", dir=args.workdir) as d:
         os.environ.setdefault("DTSWEEP_DATA_DIR", str(Path(d) / "datasets"))
         results = [measure(n, Path(d), log) for n in ns]
+        finished_ns = args.finished if args.finished is not None else ([] if (args.quick or args.n) else [5000])
+        finished = [measure_finished(n, Path(d), log) for n in finished_ns]
     info["load_avg_end"] = os.getloadavg()[0]
     small, large = results[0], results[-1]
     out = {
@@ -198,13 +253,14 @@ def main(argv=None) -> int:
         "machine": info,
         "results": {str(r["n_trials"]): r for r in results},
         "overhead_growth": round(large["per_trial_overhead_s"] / small["per_trial_overhead_s"], 3),
+        "finished_sweeps": {str(r["n_trials"]): r for r in finished},
     }
     log(f"overhead_growth (per-trial overhead at N={large['n_trials']} / at N={small['n_trials']}): {out['overhead_growth']}")
     text = json.dumps(out, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
-    return 0 if all(r["all_finished"] for r in results) else 1
+    return 0 if all(r["all_finished"] for r in results + finished) else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ interrupted. Below it: `dtsweep.tuning` (the trainable, the Tuner, progress line
 
 from __future__ import annotations
 
+import json
+
 from dtsweep.cluster import ray_session
 from dtsweep.inputs import dataset_key, prepare_datasets, trial_provenance
 from dtsweep.spec import SweepSpec, Trial
@@ -140,7 +142,9 @@ def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, 
     tuner = build_tuner(
         trainable, spec=spec, store=store, name=run_name("run"), has_gpu=has_gpu,
         callbacks=[progress_callback(n_total=n_total, n_done=n_done, work_epochs=work, ledger=ledger)],
-        param_space={"job": tune.grid_search(configs)}, max_concurrent_trials=spec.ray.max_concurrent_trials,
+        # Each job as one JSON string (`job_of`): Tune copies the whole grid per trial it creates.
+        param_space={"job": tune.grid_search([json.dumps(c) for c in configs])},
+        max_concurrent_trials=spec.ray.max_concurrent_trials,
         # A worker stays for the next trial with the same resources: starting a process and
         # importing torch per trial would cost seconds of CPU per trial (as in a search).
         reuse_actors=True,

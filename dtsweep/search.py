@@ -89,7 +89,7 @@ from dtsweep.spec import (
 from dtsweep.schemas import search_schema
 from dtsweep.store import Store, table_from_rows, to_numpy_rows
 from dtsweep.sweepdir import Ledger, RunSummary, compact, epochs_done, latest_resume_checkpoints
-from dtsweep.tuning import build_tuner, fit_errors, job_config, progress_callback, run_name, train_trial
+from dtsweep.tuning import build_tuner, fit_errors, job_config, job_of, progress_callback, run_name, train_trial
 
 SEARCH_FILE = "search.parquet"
 SWITCH = ":choice"  # Optuna name suffix of the "range or alternative" pick of an `or:` parameter
@@ -374,7 +374,7 @@ def score(store: Store, group: Group, row: dict, error: str | None = None) -> di
 def search_trial(config: dict) -> None:
     """Tune trainable of one sample: `train_trial`, or, when the sample's trial already
     finished (config["job"]["reuse"]), one report of its stored last epoch (no training)."""
-    job = config["job"]
+    job = job_of(config)
     if not job["reuse"]:
         train_trial(config)
         return

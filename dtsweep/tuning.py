@@ -1,9 +1,10 @@
 """Ray Tune wiring shared by grid studies (`dtsweep.orchestrate`) and searches (`dtsweep.search`):
 the trainable, its placement, the one Tuner builder, the progress callback and error lines.
 
-Each Tune trial carries one config entry, `{"job": {...}}`: trial_id, the trial's settings
-(`Trial.to_dict()`), the sweep directory, the dataset file the driver resolved, and where to
-resume from. Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`);
+Each Tune trial carries one config entry, `{"job": {...}}` (the grid passes it as a JSON string;
+read it with `job_of`): trial_id, the trial's settings (`Trial.to_dict()`), the sweep directory,
+the dataset file the driver resolved, and the resume state the driver found (the trainable
+looks up the newest itself). Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`);
 Tune's own results serve progress lines and schedulers only.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import re
 import sys
@@ -30,7 +32,7 @@ def train_trial(config: dict) -> None:
     """Tune function trainable: run one trial, saving a resume state and reporting each epoch."""
     from dtsweep.train import TrialRunner, set_threads_for_trial
 
-    job = config["job"]
+    job = job_of(config)
     trial = Trial.from_dict(job["trial"])
     set_threads_for_trial(trial.resources.cpu)
     # The driver resolved the dataset once (inputs.prepare_datasets); the runner reads that file.
@@ -72,11 +74,19 @@ def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = 
     return {"job": job}
 
 
+def job_of(config: dict) -> dict:
+    """The job of a Tune trial's config: `{"job": {...}}`, or `{"job": "<the same as JSON>"}` as
+    the grid passes it (Tune deep-copies its whole grid for every trial it creates: a list of
+    strings costs little, a list of nested dicts costs time that grows with the grid's size)."""
+    job = config["job"]
+    return json.loads(job) if isinstance(job, str) else job
+
+
 def trial_placement(config: dict, *, has_gpu: bool):
     """Tune placement of one trial: its spec's CPUs, and its GPU share where the cluster has GPUs."""
     from ray import tune
 
-    r = config["job"]["trial"]["resources"]
+    r = job_of(config)["trial"]["resources"]
     bundle = {"CPU": r["cpu"]}
     if has_gpu and r["gpu"] > 0:
         bundle["GPU"] = r["gpu"]
@@ -111,7 +121,7 @@ def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
     def trial_dir(tr) -> str:
-        return tr.config["job"]["trial_id"]
+        return job_of(tr.config)["trial_id"]
 
     return tune.Tuner(
         tune.with_resources(trainable, functools.partial(trial_placement, has_gpu=has_gpu)),
@@ -133,7 +143,7 @@ def fit_errors(results) -> dict[str, str | None]:
     out = {}
     for res in results:
         if res.config:  # Tune returns config-less results after an interrupt
-            out[res.config["job"]["trial_id"]] = None if res.error is None else error_text(res.error)
+            out[job_of(res.config)["trial_id"]] = None if res.error is None else error_text(res.error)
     return out
 
 
@@ -167,7 +177,7 @@ def progress_callback(*, n_total: int, n_done: int, work_epochs: int, ledger: Le
                   file=sys.stderr, flush=True)  # fmt: skip
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            job = trial.config["job"]
+            job = job_of(trial.config)
             if ledger is not None:
                 ledger.set(job["trial_id"], "running")
             self._line(f"start {job['trial_id']} {describe(Trial.from_dict(job['trial']))}")
@@ -178,17 +188,17 @@ def progress_callback(*, n_total: int, n_done: int, work_epochs: int, ledger: Le
                 self.epochs += 1
             score = result.get("normalized_score")
             s = f" score {score:.1f}" if isinstance(score, float) else ""
-            self._line(f"{trial.config['job']['trial_id']} epoch {epoch}/{result.get('epochs_total')}{s}")
+            self._line(f"{job_of(trial.config)['trial_id']} epoch {epoch}/{result.get('epochs_total')}{s}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tid = trial.config["job"]["trial_id"]
+            tid = job_of(trial.config)["trial_id"]
             self.done += 1
             if ledger is not None:
                 ledger.set(tid, "finished")
             self._line(f"finished {tid}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            tid = trial.config["job"]["trial_id"]
+            tid = job_of(trial.config)["trial_id"]
             self.failed += 1
             line = _error_line(trial)
             if ledger is not None:

@@ -153,13 +153,13 @@ def test_resume_states_found_in_one_listing_and_pruned(tmp_path):
 def test_scale_benchmark_writes_every_figure(tmp_path, data_cache):
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--n", "6", "12", "--out", str(out),
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--n", "6", "12", "--finished", "30", "--out", str(out),
                         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "does no training" in r.stderr
     res = json.loads(out.read_text())
     assert {"overhead_growth", "substitution", "machine", "results"} <= set(res)
-    assert set(res["results"]) == {"6", "12"}
+    assert set(res["results"]) == {"6", "12"} and set(res["finished_sweeps"]) == {"30"}
     for n, row in res["results"].items():
         assert {"per_trial_overhead_s", "first_trial_s", "ledger_bytes_written", "rerun_s", "status_s"} <= set(row)
         assert row["all_finished"] and row["resume_states_left"] == 0 and row["ledger_records_left"] == 0
