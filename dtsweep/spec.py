@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -254,11 +255,13 @@ class Trial:
     # rounded weights are another condition, and float32 trials keep their ids.
     checkpoint_dtype: str = "float32"
 
-    @property
+    # Cached: a Trial is frozen, and the hash (asdict + JSON + sha256, ~1 ms) is asked for many
+    # times per trial by the driver; dataclasses.replace makes a new Trial with a fresh cache.
+    @functools.cached_property
     def trial_id(self) -> str:
         return trial_id(self.to_dict())
 
-    @property
+    @functools.cached_property
     def config_key(self) -> str:
         return config_key(self.to_dict())
 

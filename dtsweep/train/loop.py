@@ -20,6 +20,7 @@ no evaluation); epoch n is the model after n × steps_per_epoch updates.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -69,6 +70,11 @@ VERSIONED_PACKAGES = ("dtsweep", "torch", "transformers", "gymnasium", "mujoco",
 
 def library_versions() -> dict[str, str | None]:
     """{package: installed version or None} for VERSIONED_PACKAGES, without importing them."""
+    return dict(_library_versions())
+
+
+@functools.cache  # read once per process: ~50 ms of package metadata, asked for every trial
+def _library_versions() -> dict[str, str | None]:
     out = {}
     for name in VERSIONED_PACKAGES:
         try:
