@@ -223,14 +223,14 @@ def machine() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="N = 100 and 1,000 only")
-    p.add_argument("--n", type=int, nargs="+", help="trial counts to run (overrides --quick)")
+    p.add_argument("--n", type=int, nargs="*", help="trial counts to run (overrides --quick; none: only --finished)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--workdir", help="where the sweeps go (default: a temporary directory, deleted)")
     p.add_argument("--finished", type=int, nargs="*", default=None,
                    help="also time rerun and status of finished sweeps of these sizes, written without Tune "
                         "(default: 5000 unless --quick or --n)")  # fmt: skip
     args = p.parse_args(argv)
-    ns = args.n or ([100, 1000] if args.quick else [100, 1000, 5000])
+    ns = args.n if args.n is not None else ([100, 1000] if args.quick else [100, 1000, 5000])
 
     def log(msg: str) -> None:
         print(f"[scale] {msg}", file=sys.stderr, flush=True)
@@ -242,20 +242,23 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dtsweep-scale-", dir=args.workdir) as d:
         os.environ.setdefault("DTSWEEP_DATA_DIR", str(Path(d) / "datasets"))
         results = [measure(n, Path(d), log) for n in ns]
-        finished_ns = args.finished if args.finished is not None else ([] if (args.quick or args.n) else [5000])
+        finished_ns = args.finished if args.finished is not None else ([] if (args.quick or args.n is not None) else [5000])
         finished = [measure_finished(n, Path(d), log) for n in finished_ns]
     info["load_avg_end"] = os.getloadavg()[0]
-    small, large = results[0], results[-1]
+    growth = None
+    if results:
+        small, large = results[0], results[-1]
+        growth = round(large["per_trial_overhead_s"] / small["per_trial_overhead_s"], 3)
+        log(f"overhead_growth (per-trial overhead at N={large['n_trials']} / at N={small['n_trials']}): {growth}")
     out = {
         "benchmark": "scale",
         "substitution": SUBSTITUTION,
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": info,
         "results": {str(r["n_trials"]): r for r in results},
-        "overhead_growth": round(large["per_trial_overhead_s"] / small["per_trial_overhead_s"], 3),
+        "overhead_growth": growth,
         "finished_sweeps": {str(r["n_trials"]): r for r in finished},
     }
-    log(f"overhead_growth (per-trial overhead at N={large['n_trials']} / at N={small['n_trials']}): {out['overhead_growth']}")
     text = json.dumps(out, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -293,7 +293,8 @@ class Ledger:
         """Merge: rewrite trials.parquet from every row, then delete the merged state records."""
         with self._lock:
             t0 = time.monotonic()
-            rows = sorted((self._full(r) for r in self.rows.values()), key=lambda r: r["trial_id"])
+            current = list(self.rows.values())  # one C-level copy: callers also assign rows directly
+            rows = sorted((self._full(r) for r in current), key=lambda r: r["trial_id"])
             sink = pa.BufferOutputStream()
             pq.write_table(table_from_rows(rows, TRIALS_SCHEMA), sink, compression="zstd")
             _write_ledger_bytes(self.store, "trials.parquet", sink.getvalue().to_pybytes(), "trials.parquet")
