@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from collections import Counter
 
 import yaml
 
@@ -59,59 +58,32 @@ def _load(path: str, storage: str | None = None, allow_large: bool = False):
 
 
 def cmd_plan(args) -> int:
-    import dataclasses
-
-    from dtsweep.costs import estimate
+    from dtsweep.costs import plan_sweep
 
     spec = _load(args.sweep, args.storage, args.allow_large)
-    # (study, trial, cost, how many trials it stands for). A trial's cost does not depend on its
-    # seed, so each grid point is costed once with its study's first seed and counts len(seeds)
-    # trials: plan stays arithmetic at 100,000 trials. A search study counts num_samples
-    # trials per group, each costed as the group's trial trained to the end (an upper bound
-    # when ASHA stops samples early).
-    items = []
-    for st in spec.studies:
-        n = st.search.num_samples if st.search is not None else 1
-        one_seed = dataclasses.replace(st, seed=st.seed[:1])
-        items += [(st.name, t, estimate(t), n * len(st.seed), st.seed if st.search is None else None)
-                  for t in spec.grid(one_seed)]  # fmt: skip
-    rows = []
+    plan = plan_sweep(spec, with_trials=args.json)
     if args.json:
-        for _, t, c, _, seeds in items:
-            if seeds is None:
-                continue
-            base = {"epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch, "params": c.params,
-                    "device": "GPU" if t.resources.gpu > 0 else "CPU", "hours": round(c.gpu_hours, 4),
-                    "gpu_hours": round(c.gpu_hours, 4) if t.resources.gpu > 0 else 0.0, "storage_bytes": c.storage_bytes}  # fmt: skip
-            rows += [{**dataclasses.replace(t, seed=seed).columns(), **base} for seed in seeds]
-    items = [(s, t, c, n) for s, t, c, n, _ in items]
-
-    def total(study=None, device=None):
-        return sum(n * c.gpu_hours for s, t, c, n in items
-                   if (study is None or s == study) and (device is None or (t.resources.gpu > 0) == (device == "GPU")))  # fmt: skip
-
-    n_trials = Counter()
-    for s, _, _, n in items:
-        n_trials[s] += n
-    storage = sum(n * c.storage_bytes for _, _, c, n in items)
-    if args.json:
-        out = {"sweep": spec.name, "sweep_dir": spec.sweep_dir, "total_trials": sum(n_trials.values()),
-               "studies": dict(n_trials), "gpu_hours": round(total(device="GPU"), 2),
-               "cpu_hours": round(total(device="CPU"), 2), "storage_gb": round(storage / 1e9, 3), "trials": rows}  # fmt: skip
-        print(json.dumps(out, indent=1))
+        print(json.dumps(plan, indent=1))
         return 0
 
-    def hours(study=None) -> str:
-        g, c = total(study, "GPU"), total(study, "CPU")
-        return " + ".join(f"~{h:,.1f} {d}-h" for h, d in ((g, "GPU"), (c, "CPU")) if h > 0) or "~0 h"
+    def hours(h: dict) -> str:
+        return " + ".join(f"~{h[d]:,.1f} {d}-h" for d in ("GPU", "CPU") if h[d] > 0) or "~0 h"
 
+    total = {d: sum(h[d] for h in plan["hours"].values()) for d in ("GPU", "CPU")}
     print(f"sweep {spec.name} -> {spec.sweep_dir}")
     for st in spec.studies:
         kind = f" (search: {len(spec.grid(st))} groups x {st.search.num_samples} samples, at most)" if st.search else ""
-        print(f"  {st.name:<16} {n_trials[st.name]:>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
-              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  {hours(st.name)}{kind}")  # fmt: skip
-    print(f"  total            {sum(n_trials.values()):>5} trials  {hours()}  ~{storage / 1e9:,.1f} GB "
+        print(f"  {st.name:<16} {plan['studies'][st.name]:>5} trials  inits={','.join(st.init)}  datasets={','.join(st.dataset)}  "
+              f"K={','.join(map(str, st.context_len))}  seeds={len(st.seed)}  {hours(plan['hours'][st.name])}{kind}")  # fmt: skip
+    print(f"  total            {plan['total_trials']:>5} trials  {hours(total)}  "
           "(estimates: dtsweep/costs.py; CPU figures measured, GPU figures estimated)")  # fmt: skip
+    dtypes = sorted({st.checkpoint_dtype for st in spec.studies})
+    print(f"  storage: checkpoints ~{plan['checkpoint_storage_gb']:,.1f} GB ({'/'.join(dtypes)}), "
+          f"metrics ~{plan['metrics_storage_gb']:,.2f} GB: kept")  # fmt: skip
+    peak = (f", ~{plan['resume_state_gb_peak']:,.2f} GB with {plan['concurrent_trials']} trials running at once"
+            if plan["resume_state_gb_peak"] is not None else " times the trials running at once")  # fmt: skip
+    print(f"  storage: resume states ~{plan['resume_state_gb_per_trial']:,.2f} GB per running trial{peak}: "
+          "deleted when each trial finishes")  # fmt: skip
     return 0
 
 

@@ -17,8 +17,12 @@ for a GPU fraction is costed on `GPU`, one that asks for none on `CPU`.
   (no GPU was available to the benchmark runs so far). `ENV_STEP_S` (MuJoCo runs on the host
   CPU either way) is the CPU measurement.
 
-Storage counts the analysis checkpoints (fp32 weights, one Parquet file per epoch listed
-in checkpoint_epochs), one resume state (weights + AdamW moments) and metrics.
+Storage is counted in two parts. What a finished trial keeps: the analysis checkpoints (one
+Parquet file per epoch of `checkpoint_epochs`, weights in `checkpoint_dtype`: 4 bytes per
+parameter in float32, 2 in bfloat16/float16) and its metrics. What a trial holds only while it
+runs: its resume state (fp32 weights + AdamW's two moments, 12 bytes per parameter), deleted
+when it finishes (`dtsweep.sweepdir.prune_resume_states`), so the resume states on storage at
+any time are those of the trials running (and of unfinished ones).
 
 Diagnostics (`python -m dtsweep diagnose`, default options) are costed in CPU seconds of one
 core per trial and kind (`diagnostics_seconds`), scaled from per-kind figures measured on a
@@ -27,10 +31,12 @@ ChibiT-size trial with benchmarks/diagnostics.py (benchmarks/README.md, "Diagnos
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
 from dtsweep.envs import ENVS
-from dtsweep.spec import Trial
+from dtsweep.spec import SweepSpec, Trial
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,20 @@ ARCH = {
 }
 
 
+CHECKPOINT_BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
+RESUME_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
+METRICS_ROW_BYTES = 2000  # one epoch's metrics row, per-trial file and compacted copy
+
+
 @dataclass(frozen=True)
 class TrialCost:
     params: int  # parameters of the DT (backbone + embeddings + head)
     gpu_hours: float  # trial wall time × its GPU fraction (CPU-hours when it asks for no GPU)
     hours: float  # estimated wall time of the trial alone on its resources
-    storage_bytes: int
+    storage_bytes: int  # bytes the finished trial keeps: analysis checkpoints + metrics
     device: str  # name of the Device the time was estimated for
+    checkpoint_bytes: int = 0  # of which analysis checkpoints (checkpoint_epochs × checkpoint_dtype)
+    resume_bytes: int = 0  # its resume state while it runs (fp32 weights + AdamW moments; deleted when finished)
     diagnostics_cpu_hours: float = 0.0  # default `diagnose` of the finished trial, one CPU core
 
 
@@ -205,9 +218,85 @@ def estimate(trial: Trial, device: Device | None = None) -> TrialCost:
     hours = (train_s + eval_s) / 3600
     share = trial.resources.gpu if trial.resources.gpu > 0 else trial.resources.cpu
 
-    weights = 4 * params
-    storage = weights * len(trial.checkpoint_epochs) + 3 * weights + 2000 * (trial.epochs + 1)
+    checkpoints = CHECKPOINT_BYTES_PER_PARAM[trial.checkpoint_dtype] * params * len(trial.checkpoint_epochs)
+    metrics = METRICS_ROW_BYTES * (trial.epochs + 1)
     return TrialCost(
-        params=int(params), gpu_hours=hours * share, hours=hours, storage_bytes=int(storage), device=dev.name,
+        params=int(params), gpu_hours=hours * share, hours=hours, storage_bytes=int(checkpoints + metrics),
+        device=dev.name, checkpoint_bytes=int(checkpoints), resume_bytes=int(RESUME_BYTES_PER_PARAM * params),
         diagnostics_cpu_hours=sum(diagnostics_estimate(trial).values()) / 3600,
-    )
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# A whole sweep: what `dtsweep plan` prints
+# --------------------------------------------------------------------------------------
+
+
+def plan_sweep(spec: SweepSpec, *, with_trials: bool = False) -> dict:
+    """Trials, device-hours and storage of a sweep (what `dtsweep plan` prints; JSON-able).
+
+    A trial's cost does not depend on its seed, so each grid point is costed once with its
+    study's first seed and counts len(seeds) trials: plan stays arithmetic at 100,000 trials.
+    A search study counts num_samples trials per group, each costed as the group's trial
+    trained to the end (an upper bound when ASHA stops samples early).
+
+    Keys: sweep, sweep_dir, total_trials, studies {name: trials}, hours {study: {"GPU": h,
+    "CPU": h}}, gpu_hours, cpu_hours (totals), storage_gb (what the finished sweep keeps),
+    checkpoint_storage_gb (of which analysis checkpoints), resume_state_gb_per_trial (the
+    largest trial's resume state, held while it runs), resume_state_gb_peak (the largest
+    trials' resume states summed over the trials that can run at once, None when that is not
+    known: a cluster's size), concurrent_trials, and with `with_trials` one row per grid trial.
+    """
+    items = []  # (study, trial, cost, trials it stands for, its seeds or None for a search)
+    for st in spec.studies:
+        n = st.search.num_samples if st.search is not None else 1
+        one_seed = dataclasses.replace(st, seed=st.seed[:1])
+        items += [(st.name, t, estimate(t), n * len(st.seed), st.seed if st.search is None else None)
+                  for t in spec.grid(one_seed)]  # fmt: skip
+    studies: Counter = Counter()
+    hours: dict[str, dict[str, float]] = {}
+    for s, t, c, n, _ in items:
+        studies[s] += n
+        dev = "GPU" if t.resources.gpu > 0 else "CPU"
+        hours.setdefault(s, {"GPU": 0.0, "CPU": 0.0})[dev] += n * c.gpu_hours
+    storage = sum(n * c.storage_bytes for _, _, c, n, _ in items)
+    checkpoints = sum(n * c.checkpoint_bytes for _, _, c, n, _ in items)
+    concurrent = concurrent_trials(spec, [t for _, t, _, _, _ in items])
+    resume_sizes = sorted((c.resume_bytes for _, _, c, n, _ in items for _ in range(min(n, concurrent or 1))), reverse=True)
+    out = {
+        "sweep": spec.name,
+        "sweep_dir": spec.sweep_dir,
+        "total_trials": sum(studies.values()),
+        "studies": dict(studies),
+        "hours": {s: {d: round(h, 4) for d, h in v.items()} for s, v in hours.items()},
+        "gpu_hours": round(sum(v["GPU"] for v in hours.values()), 2),
+        "cpu_hours": round(sum(v["CPU"] for v in hours.values()), 2),
+        "storage_gb": round(storage / 1e9, 3),
+        "checkpoint_storage_gb": round(checkpoints / 1e9, 3),
+        "metrics_storage_gb": round((storage - checkpoints) / 1e9, 3),
+        "resume_state_gb_per_trial": round(max(resume_sizes, default=0) / 1e9, 3),
+        "resume_state_gb_peak": round(sum(resume_sizes[:concurrent]) / 1e9, 3) if concurrent else None,
+        "concurrent_trials": concurrent,
+    }
+    if with_trials:
+        rows = []
+        for _, t, c, _, seeds in items:
+            if seeds is None:
+                continue
+            base = {"epochs": t.epochs, "steps": t.epochs * t.train.steps_per_epoch, "params": c.params,
+                    "device": "GPU" if t.resources.gpu > 0 else "CPU", "hours": round(c.gpu_hours, 4),
+                    "gpu_hours": round(c.gpu_hours, 4) if t.resources.gpu > 0 else 0.0, "storage_bytes": c.storage_bytes,
+                    "checkpoint_bytes": c.checkpoint_bytes, "resume_bytes": c.resume_bytes}  # fmt: skip
+            rows += [{**dataclasses.replace(t, seed=seed).columns(), **base} for seed in seeds]
+        out["trials"] = rows
+    return out
+
+
+def concurrent_trials(spec: SweepSpec, trials: list[Trial]) -> int | None:
+    """How many trials can run at once: `ray.max_concurrent_trials`, else what a local Ray of
+    `ray.num_cpus` CPUs fits of the smallest CPU request; None when neither is set (a cluster)."""
+    if spec.ray.max_concurrent_trials:
+        return int(spec.ray.max_concurrent_trials)
+    if spec.ray.num_cpus and not spec.ray.address and trials:
+        return max(1, int(spec.ray.num_cpus // min(t.resources.cpu for t in trials)))
+    return None

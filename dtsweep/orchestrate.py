@@ -9,16 +9,21 @@ interrupted. Below it: `dtsweep.tuning` (the trainable, the Tuner, progress line
 
 from __future__ import annotations
 
+import json
+
 from dtsweep.cluster import ray_session, use_gpus
 from dtsweep.inputs import dataset_key, prepare_datasets, publish_datasets, publish_inits, trial_inits
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import Lease, Store
 from dtsweep.sweepdir import (
+    RESUME_DIR,
     Ledger,
     RunSummary,
     compact,
     epochs_done,
     latest_resume_checkpoints,
+    list_files,
+    prune_resume_states,
     readable_rows,
     repair,
     safe_epochs_done,
@@ -30,7 +35,8 @@ from dtsweep.train.loop import trial_provenance
 from dtsweep.tuning import build_tuner, fit_errors, job_config, progress_callback, run_name, train_trial
 
 
-def run_sweep(spec: SweepSpec, *, address: str | None = None, retry_failed: bool = False, log=print) -> RunSummary:
+def run_sweep(spec: SweepSpec, *, address: str | None = None, retry_failed: bool = False, log=print,
+              trainable=None) -> RunSummary:  # fmt: skip
     """Train every unfinished trial of `spec`: its grid studies, then its search studies.
 
     Idempotent and resumable; returns counts (a search sample counts as a trial). Holds the
@@ -38,6 +44,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, retry_failed: bool
     live run holds it. Damaged per-trial files are set aside first (`repair`). On
     KeyboardInterrupt the ledger keeps unstarted trials `pending` and started ones `running`
     (the next run resumes them), the lease is released, and the interrupt propagates.
+    At the end of a run the resume states of finished trials are deleted (`prune_resume_states`).
+
+    `trainable`: the grid's Tune function trainable, `dtsweep.tuning.train_trial` by default;
+    benchmarks/scale.py passes one that does no training to measure the orchestration alone.
     """
     from dtsweep.search import run_searches
 
@@ -48,13 +58,25 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, retry_failed: bool
         repair(store, log=log)
         write_sweep_yaml(store, spec)
         ledger = Ledger(store, spec.trials())
-        summary = _run_grid(spec, store, ledger, address=address, retry_failed=retry_failed, log=log)
-        if any(st.search is not None for st in spec.studies):
-            summary = summary + run_searches(spec, store, ledger, address=address, retry_failed=retry_failed, log=log)
+        try:
+            summary = _run_grid(spec, store, ledger, address=address, retry_failed=retry_failed, log=log,
+                                trainable=trainable or train_trial)  # fmt: skip
+            if any(st.search is not None for st in spec.studies):
+                summary = summary + run_searches(spec, store, ledger, address=address, retry_failed=retry_failed, log=log)
+        finally:
+            ledger.close()  # trials.parquet complete, also after an interrupt
+        finished = {tid for tid, r in ledger.rows.items() if r["status"] == "finished"}
+        # Each trial's resume state goes when the ledger records it finished; these are the
+        # ones a killed driver left behind.
+        freed = prune_resume_states(store, finished)
+        if freed:
+            log(f"deleted the resume states of finished trials under {store.uri(RESUME_DIR)} ({freed / 1e6:,.1f} MB)")
+        if store.exists(RESUME_DIR) and not list_files(store, RESUME_DIR, recursive=True):
+            store.fs.delete_dir(store.path(RESUME_DIR))  # nothing left to resume: no empty folder either
         return summary
 
 
-def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_failed: bool, log) -> RunSummary:
+def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_failed: bool, log, trainable) -> RunSummary:
     trials = spec.trials()
     todo = [t for t in trials if ledger.status(t.trial_id) == "pending"
             or (retry_failed and ledger.status(t.trial_id) == "failed")]  # fmt: skip
@@ -84,7 +106,8 @@ def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_f
         sources = publish_datasets(store, sources, log=log)
         inits = publish_inits(store, todo, log=log)
         with ray_session(address, num_cpus=spec.ray.num_cpus):
-            errors = _fit_grid(spec, store, todo, ledger, sources, inits, n_total=len(trials), n_done=n_finished, log=log)
+            errors = _fit_grid(spec, store, todo, ledger, sources, inits, n_total=len(trials), n_done=n_finished, log=log,
+                               trainable=trainable)  # fmt: skip
     except KeyboardInterrupt:
         _record_interrupt(store, ledger, todo)
         raise
@@ -106,12 +129,12 @@ def _run_grid(spec: SweepSpec, store: Store, ledger: Ledger, *, address, retry_f
 
 
 def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, sources: dict, inits: dict, *,
-              n_total: int, n_done: int, log) -> dict[str, str | None]:  # fmt: skip
+              n_total: int, n_done: int, log, trainable=train_trial) -> dict[str, str | None]:  # fmt: skip
     """Run `todo` as one Tune experiment; returns trial_id -> error line (None if fine)."""
     from ray import tune
 
     has_gpu = use_gpus(spec.ray.gpu, any(t.resources.gpu > 0 for t in todo), log=log)
-    resume = latest_resume_checkpoints(store)
+    resume = latest_resume_checkpoints(store, {t.trial_id for t in todo})
     configs = []
     for t in todo:
         if t.trial_id in resume:
@@ -120,9 +143,14 @@ def _fit_grid(spec: SweepSpec, store: Store, todo: list[Trial], ledger: Ledger, 
                                   inits=trial_inits(t, inits), resume_from=resume.get(t.trial_id, (None, None))[1])["job"])  # fmt: skip
     work = sum(t.epochs - resume.get(t.trial_id, (0,))[0] for t in todo)
     tuner = build_tuner(
-        train_trial, spec=spec, store=store, name=run_name("run"), has_gpu=has_gpu,
+        trainable, spec=spec, store=store, name=run_name("run"), has_gpu=has_gpu,
         callbacks=[progress_callback(n_total=n_total, n_done=n_done, work_epochs=work, ledger=ledger)],
-        param_space={"job": tune.grid_search(configs)}, max_concurrent_trials=spec.ray.max_concurrent_trials,
+        # Each job as one JSON string (`job_of`): Tune copies the whole grid per trial it creates.
+        param_space={"job": tune.grid_search([json.dumps(c) for c in configs])},
+        max_concurrent_trials=spec.ray.max_concurrent_trials,
+        # A worker stays for the next trial with the same resources: starting a process and
+        # importing torch per trial would cost seconds of CPU per trial (as in a search).
+        reuse_actors=True,
     )  # fmt: skip
     return fit_errors(tuner.fit())
 

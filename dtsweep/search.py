@@ -90,7 +90,7 @@ from dtsweep.spec import (
 from dtsweep.store import Store, table_from_rows, to_numpy_rows
 from dtsweep.sweepdir import Ledger, RunSummary, compact, epochs_done, latest_resume_checkpoints
 from dtsweep.train.loop import trial_provenance
-from dtsweep.tuning import build_tuner, fit_errors, job_config, progress_callback, run_name, train_trial
+from dtsweep.tuning import build_tuner, fit_errors, job_config, job_of, progress_callback, run_name, train_trial
 
 SEARCH_FILE = "search.parquet"
 SWITCH = ":choice"  # Optuna name suffix of the "range or alternative" pick of an `or:` parameter
@@ -375,7 +375,7 @@ def score(store: Store, group: Group, row: dict, error: str | None = None) -> di
 def search_trial(config: dict) -> None:
     """Tune trainable of one sample: `train_trial`, or, when the sample's trial already
     finished (config["job"]["reuse"]), one report of its stored last epoch (no training)."""
-    job = config["job"]
+    job = job_of(config)
     if not job["reuse"]:
         train_trial(config)
         return
@@ -648,6 +648,8 @@ def best_study(group: Group, row: dict) -> dict:
     if t.model:
         study["model"] = dict(t.model)
     study["checkpoint_epochs"] = list(t.checkpoint_epochs)
+    if t.checkpoint_dtype != "float32":  # part of the trial id when set
+        study["checkpoint_dtype"] = t.checkpoint_dtype
     return study
 
 

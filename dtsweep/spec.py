@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -264,6 +265,7 @@ class Study:
     # names, which cover themselves). Filled by the parser (dtsweep.data.dataset_env).
     dataset_env: tuple = ()
     dataset_sha256: tuple = ()
+    checkpoint_dtype: str = "float32"  # dtype of the analysis checkpoints' floating tensors
 
 
 @dataclass(frozen=True)
@@ -287,12 +289,18 @@ class Trial:
     # sha256 of the dataset file when `dataset` is a file path: the trial id hashes it instead
     # of the path (a path means that file's bytes). None for dataset names.
     dataset_sha256: str | None = None
+    # Storage dtype of the analysis checkpoints' floating-point tensors (CHECKPOINT_DTYPES).
+    # Hashed only when not float32 (HASHED_WHEN_SET's rule): diagnostics computed from
+    # rounded weights are another condition, and float32 trials keep their ids.
+    checkpoint_dtype: str = "float32"
 
-    @property
+    # Cached: a Trial is frozen, and the hash (asdict + JSON + sha256, ~1 ms) is asked for many
+    # times per trial by the driver; dataclasses.replace makes a new Trial with a fresh cache.
+    @functools.cached_property
     def trial_id(self) -> str:
         return trial_id(self.to_dict())
 
-    @property
+    @functools.cached_property
     def config_key(self) -> str:
         return config_key(self.to_dict())
 
@@ -371,6 +379,8 @@ def config_key(trial_dict: dict) -> str:
 
 def _result_hash(trial_dict: dict, fields: tuple) -> str:
     payload = {k: trial_dict[k] for k in fields}
+    if trial_dict.get("checkpoint_dtype", "float32") != "float32":
+        payload["checkpoint_dtype"] = trial_dict["checkpoint_dtype"]
     if trial_dict.get("dataset_sha256"):  # a file path: its bytes are its identity, not its path
         payload["dataset"] = "sha256:" + trial_dict["dataset_sha256"]
     payload["result_version"] = RESULT_VERSION
@@ -443,6 +453,7 @@ class SweepSpec:
                                     checkpoint_epochs=resolve_checkpoint_epochs(st.checkpoint_epochs, st.train.epochs),
                                     resources=self.resources_for(init),
                                     dataset_sha256=sha,
+                                    checkpoint_dtype=st.checkpoint_dtype,
                                 )
                             )
         return out
@@ -495,12 +506,15 @@ def resolve_checkpoint_epochs(epochs_spec: tuple, n_epochs: int) -> tuple:
 
 _STUDY_KEYS = {
     "name", "init", "env", "quality", "dataset", "context_len", "swap_block", "swap_from",
-    "seed", "train", "eval", "data", "model", "checkpoint_epochs", "search",
+    "seed", "train", "eval", "data", "model", "checkpoint_epochs", "checkpoint_dtype", "search",
 }  # fmt: skip
 _DEFAULT_KEYS = _STUDY_KEYS - {"name", "init", "swap_block", "search"}
 _SECTIONS = ("train", "eval", "data", "model")  # merged key by key: defaults, then study
 _TOP_KEYS = {"name", "storage", "defaults", "studies", "resources", "ray"}
 DEFAULT_CHECKPOINT_EPOCHS = (0, 1, 4, 10, "final")
+# Storage dtypes of analysis checkpoints: float32 is exact; the 16-bit ones halve the storage
+# and round the weights (docs/outputs.md says what that does to the diagnostics).
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 INT64_MAX = 2**63 - 1  # every integer of a spec ends up in an int64 Parquet column or a seed
@@ -808,6 +822,7 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
     for e in ck:
         if e != "final":
             _int(e, f"{path}.checkpoint_epochs", lo=0)
+    ck_dtype = _one_of(d.get("checkpoint_dtype", "float32"), CHECKPOINT_DTYPES, f"{path}.checkpoint_dtype")
     if 3 * max(ks) > 1024:
         raise _fail(f"{path}.context_len", max(ks), "3 * context_len <= 1024 (GPT-2 positions)")
     search = None
@@ -817,7 +832,7 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
         name=name, init=inits, dataset=tuple(datasets), context_len=ks, swap_block=swaps,
         seed=_parse_seeds(d["seed"], f"{path}.seed"), swap_from=swap_from, train=train,
         eval=ev, data=data, model=model, checkpoint_epochs=tuple(ck), search=search,
-        dataset_env=envs, dataset_sha256=shas,
+        dataset_env=envs, dataset_sha256=shas, checkpoint_dtype=ck_dtype,
     )  # fmt: skip
 
 

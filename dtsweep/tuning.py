@@ -1,11 +1,12 @@
 """Ray Tune wiring shared by grid studies (`dtsweep.orchestrate`) and searches (`dtsweep.search`):
 the trainable, its placement, the one Tuner builder, the progress callback and error lines.
 
-Each Tune trial carries one config entry, `{"job": {...}}`: trial_id, the trial's settings
-(`Trial.to_dict()`), the sweep directory, the dataset file the driver resolved and published,
-the published local init directories (`dtsweep.inputs`), and where to resume from.
-Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`); Tune's own
-results serve progress lines and schedulers only.
+Each Tune trial carries one config entry, `{"job": {...}}` (the grid passes it as a JSON string;
+read it with `job_of`): trial_id, the trial's settings (`Trial.to_dict()`), the sweep directory,
+the dataset file the driver resolved and published, the published local init directories
+(`dtsweep.inputs`), and the resume state the driver found (the trainable looks up the newest
+itself). Everything a trial writes goes to the sweep directory (`dtsweep.train.loop`); Tune's
+own results serve progress lines and schedulers only.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from dtsweep.spec import SweepSpec, Trial
 from dtsweep.store import Store
-from dtsweep.sweepdir import RESUME_FILE, TUNE_DIR, Ledger, trial_name
+from dtsweep.sweepdir import TUNE_DIR, Ledger, latest_resume_state, load_resume_state, save_resume_state, trial_name
 from dtsweep.tracking import logger_callbacks
 
 # --------------------------------------------------------------------------------------
@@ -31,12 +31,12 @@ from dtsweep.tracking import logger_callbacks
 
 
 def train_trial(config: dict) -> None:
-    """Tune function trainable: run one trial, reporting each epoch with a resume checkpoint."""
+    """Tune function trainable: run one trial, saving a resume state and reporting each epoch."""
     from dtsweep.inputs import fetch_inits
     from dtsweep.models.backbones import use_local_copies
     from dtsweep.train import set_threads_for_trial
 
-    job = config["job"]
+    job = job_of(config)
     trial = Trial.from_dict(job["trial"])
     set_threads_for_trial(trial.resources.cpu)
     # The driver resolved and published the inputs once (dtsweep.inputs); the trial reads this
@@ -47,7 +47,6 @@ def train_trial(config: dict) -> None:
 
 def _train(trial: Trial, job: dict) -> None:
     import torch
-    from ray import tune
 
     from dtsweep.train import TrialRunner
 
@@ -56,24 +55,27 @@ def _train(trial: Trial, job: dict) -> None:
     device = torch.device("cuda" if trial.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
     runner = TrialRunner(trial, Store(job["sweep_dir"]), dataset=job.get("dataset"), device=device)
 
-    checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial (lost node, error)
-    if checkpoint is None and job.get("resume_from"):
-        checkpoint = tune.Checkpoint(job["resume_from"])  # left by an earlier driver
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            runner.load_resume_state(torch.load(Path(d) / RESUME_FILE, weights_only=True, map_location="cpu"))
+    # The newest resume state on storage: left by an earlier driver, or by this trial before
+    # Tune restarted it (a lost node, an error). Looked up here rather than taken from the
+    # driver, which may know an older one.
+    resume = latest_resume_state(runner.store, trial.trial_id)
+    if resume is not None:
+        runner.load_resume_state(load_resume_state(resume[1]))
 
     def report(row: dict, r: TrialRunner) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
         metrics["epochs_total"] = trial.epochs
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(r.resume_state(), Path(d) / RESUME_FILE)
-            # The size lets a later driver tell a complete upload from one cut off mid-copy.
-            size = (Path(d) / RESUME_FILE).stat().st_size
-            (Path(d) / "resume.json").write_text(json.dumps({"trial_id": r.tid, "epoch": r.epoch, "resume_bytes": size}))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        report_epoch(metrics, r.resume_state(), r.store)
 
     runner.run(on_epoch=report)
+
+
+def report_epoch(metrics: dict, state: dict, store: Store) -> None:
+    """Save `state` (with "trial_id" and "epoch") as the trial's resume state, then tune.report(metrics)."""
+    from ray import tune
+
+    save_resume_state(store, state)
+    tune.report(metrics)
 
 
 def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = None, resume_from: str | None = None,
@@ -93,11 +95,19 @@ def job_config(t: Trial, store: Store, *, has_gpu: bool, dataset: dict | None = 
     return {"job": job}
 
 
+def job_of(config: dict) -> dict:
+    """The job of a Tune trial's config: `{"job": {...}}`, or `{"job": "<the same as JSON>"}` as
+    the grid passes it (Tune deep-copies its whole grid for every trial it creates: a list of
+    strings costs little, a list of nested dicts costs time that grows with the grid's size)."""
+    job = config["job"]
+    return json.loads(job) if isinstance(job, str) else job
+
+
 def trial_placement(config: dict, *, has_gpu: bool):
     """Tune placement of one trial: its spec's CPUs, and its GPU share where the cluster has GPUs."""
     from ray import tune
 
-    r = config["job"]["trial"]["resources"]
+    r = job_of(config)["trial"]["resources"]
     bundle = {"CPU": r["cpu"]}
     if has_gpu and r["gpu"] > 0:
         bundle["GPU"] = r["gpu"]
@@ -134,7 +144,7 @@ def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
     def readable_name(tr) -> str:
-        return trial_name(Trial.from_dict(tr.config["job"]["trial"]))
+        return trial_name(Trial.from_dict(job_of(tr.config)["trial"]))
 
     return tune.Tuner(
         tune.with_resources(trainable, functools.partial(trial_placement, has_gpu=has_gpu)),
@@ -156,7 +166,7 @@ def fit_errors(results) -> dict[str, str | None]:
     out = {}
     for res in results:
         if res.config:  # Tune returns config-less results after an interrupt
-            out[res.config["job"]["trial_id"]] = None if res.error is None else error_text(res.error)
+            out[job_of(res.config)["trial_id"]] = None if res.error is None else error_text(res.error)
     return out
 
 
@@ -190,7 +200,7 @@ def progress_callback(*, n_total: int, n_done: int, work_epochs: int, ledger: Le
                   file=sys.stderr, flush=True)  # fmt: skip
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            job = trial.config["job"]
+            job = job_of(trial.config)
             if ledger is not None:
                 ledger.set(job["trial_id"], "running")
             self._line(f"start {job['trial_id']} {describe(Trial.from_dict(job['trial']))}")
@@ -201,17 +211,17 @@ def progress_callback(*, n_total: int, n_done: int, work_epochs: int, ledger: Le
                 self.epochs += 1
             score = result.get("normalized_score")
             s = f" score {score:.1f}" if isinstance(score, float) else ""
-            self._line(f"{trial.config['job']['trial_id']} epoch {epoch}/{result.get('epochs_total')}{s}")
+            self._line(f"{job_of(trial.config)['trial_id']} epoch {epoch}/{result.get('epochs_total')}{s}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tid = trial.config["job"]["trial_id"]
+            tid = job_of(trial.config)["trial_id"]
             self.done += 1
             if ledger is not None:
                 ledger.set(tid, "finished")
             self._line(f"finished {tid}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            tid = trial.config["job"]["trial_id"]
+            tid = job_of(trial.config)["trial_id"]
             self.failed += 1
             line = _error_line(trial)
             if ledger is not None:

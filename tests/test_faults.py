@@ -432,7 +432,6 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     truncate(root / "trials.parquet")
     truncate(root / "metrics" / f"{a.trial_id}.parquet")
     truncate(root / "checkpoints.parquet")
-    (root / "metrics.parquet").unlink()
     (root / "checkpoints" / b.trial_id / "index.parquet").unlink()
     # A lease left by a driver that died on another host: expired, so taken over.
     (root / "lease.json").write_text(json.dumps({"run_id": "old", "host": "gone-host", "pid": 1, "renewed_at": 0, "expires_at": 1}))
@@ -442,7 +441,7 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     out = capsys.readouterr().out
     assert "damaged: trials.parquet is unreadable" in out
     assert f"damaged: metrics/{a.trial_id}.parquet is unreadable" in out
-    assert "damaged: metrics.parquet is missing" in out and "damaged: checkpoints.parquet is unreadable" in out
+    assert "damaged: checkpoints.parquet is unreadable" in out
     assert "Traceback" not in out
 
     lines = []
@@ -451,7 +450,8 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     assert "taking over the lease of run old (host gone-host" in text
     assert f"metrics/{a.trial_id}.parquet is unreadable (cut off or damaged): set aside as metrics/{a.trial_id}.parquet.corrupt-" in text
     assert f"checkpoints/{b.trial_id}/index.parquet: rebuilt from its 2 checkpoint files" in text
-    assert f"resuming {a.trial_id} from epoch 2" in text  # its final-epoch resume state holds every row
+    # A finished trial keeps no resume state (issue 16): its rows come back from metrics.parquet.
+    assert f"restored from metrics.parquet ({a.epochs + 1} rows)" in text and "resuming" not in text
     assert (summary.finished, summary.failed) == (2, 0)
     assert len(list((root / "metrics").glob(f"{a.trial_id}.parquet.corrupt-*"))) == 1
 
@@ -468,6 +468,15 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     st = sweep_status(str(root))
     assert st["counts"] == {"finished": 2} and st["problems"] == [] and st["run"] == "idle"
     assert not (root / "lease.json").exists()
+
+    # A lost compacted file is named by status and rebuilt by the next run, which trains nothing.
+    (root / "metrics.parquet").unlink()
+    capsys.readouterr()
+    assert main(["status", str(root)]) == 0
+    assert "damaged: metrics.parquet is missing" in capsys.readouterr().out
+    assert run_sweep(spec, log=lambda *_: None).ran == 0
+    assert_one_row_per_epoch(str(root), spec)
+    assert sweep_status(str(root))["problems"] == []
 
 
 def test_live_lease_refuses_a_second_run_before_anything_is_written(tmp_path):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -149,3 +150,32 @@ def test_failed_trial_is_recorded_and_others_finish(tmp_path, data_cache):
     assert failure["seed"] == 7 and "FloatingPointError" in failure["error"]
     r = subprocess.run([sys.executable, "-m", "dtsweep", "status", spec.sweep_dir], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "failed" in r.stdout and "FloatingPointError" in r.stdout
+
+
+def test_finished_sweep_keeps_no_resume_state(finished_sweep):
+    spec, _ = finished_sweep
+    tune_dir = Path(spec.sweep_dir) / "_tune"
+    assert tune_dir.is_dir()  # Tune's run directory (results, error files) stays
+    assert not list(tune_dir.rglob("*.pt")) and not (tune_dir / "resume").exists()
+    assert not list(Path(spec.sweep_dir).glob("_ledger/*.json"))  # every state record merged
+
+
+def test_checkpoint_dtype_rounds_the_stored_weights_only(tmp_path, data_cache):
+    from dtsweep.train import TrialRunner
+
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = tiny_spec(tmp_path / dtype, init=["random"], checkpoint_dtype=dtype, checkpoint_epochs=[0])
+        (trial,) = spec.trials()
+        store = Store(spec.sweep_dir)
+        runner = TrialRunner(trial, store)
+        runner._finish_epoch(train_loss=None, evaluate=False, on_epoch=None)  # epoch 0: a checkpoint, no training
+        state = load_checkpoint(store.uri(f"checkpoints/{trial.trial_id}/epoch=0.parquet"))
+        floats = {k: v for k, v in state.items() if torch.is_floating_point(v)}
+        assert {v.dtype for v in floats.values()} == {getattr(torch, dtype)}
+        live = runner.model.state_dict()
+        assert all(live[k].dtype == torch.float32 for k in floats)  # training continues unrounded
+        assert all(torch.allclose(v.float(), live[k], rtol=1e-2, atol=1e-2) for k, v in floats.items())
+        assert read_checkpoint_metadata(store.uri(f"checkpoints/{trial.trial_id}/epoch=0.parquet"))["checkpoint_dtype"] == dtype
+        sizes[dtype] = store.file_size(f"checkpoints/{trial.trial_id}/epoch=0.parquet")
+    assert sizes["bfloat16"] < 0.6 * sizes["float32"]

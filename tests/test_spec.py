@@ -201,3 +201,30 @@ def test_dataset_spec_errors_are_one_line(tmp_path, data_cache):
         with pytest.raises(SpecError) as info:
             parse_spec(raw)
         assert "\n" not in str(info.value) and needle in str(info.value)
+
+
+def test_checkpoint_dtype_default_keeps_ids_other_dtypes_are_other_trials():
+    ids = [t.trial_id for t in parse_spec(BASE).trials()]
+    explicit = parse_spec(spec_with(checkpoint_dtype="float32")).trials()
+    assert [t.trial_id for t in explicit] == ids and {t.checkpoint_dtype for t in explicit} == {"float32"}
+    half = parse_spec(spec_with(checkpoint_dtype="bfloat16")).trials()
+    assert {t.checkpoint_dtype for t in half} == {"bfloat16"} and set(ids).isdisjoint(t.trial_id for t in half)
+    # A trial dict written before the setting existed reads as float32, with its old id.
+    old = explicit[0].to_dict()
+    old.pop("checkpoint_dtype")
+    assert Trial.from_dict(old).trial_id == ids[0]
+    with pytest.raises(SpecError, match="checkpoint_dtype"):
+        parse_spec(spec_with(checkpoint_dtype="float8"))
+
+
+def test_plan_storage_splits_checkpoints_and_resume_states():
+    from dtsweep.costs import plan_sweep
+
+    full = plan_sweep(parse_spec(BASE))
+    half = plan_sweep(parse_spec(spec_with(checkpoint_dtype="float16")))
+    assert full["checkpoint_storage_gb"] > 0 and full["resume_state_gb_per_trial"] > 0
+    assert half["checkpoint_storage_gb"] == pytest.approx(full["checkpoint_storage_gb"] / 2, rel=0.01)
+    assert half["resume_state_gb_per_trial"] == full["resume_state_gb_per_trial"]  # training state stays fp32
+    fewer = plan_sweep(parse_spec(spec_with(checkpoint_epochs=["final"])))
+    assert fewer["checkpoint_storage_gb"] < full["checkpoint_storage_gb"]
+    assert full["storage_gb"] == pytest.approx(full["checkpoint_storage_gb"] + full["metrics_storage_gb"], abs=0.002)

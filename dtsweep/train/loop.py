@@ -21,6 +21,7 @@ no evaluation); epoch n is the model after n × steps_per_epoch updates.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -70,6 +71,11 @@ VERSIONED_PACKAGES = ("dtsweep", "torch", "transformers", "gymnasium", "mujoco",
 
 def library_versions() -> dict[str, str | None]:
     """{package: installed version or None} for VERSIONED_PACKAGES, without importing them."""
+    return dict(_library_versions())
+
+
+@functools.cache  # read once per process: ~50 ms of package metadata, asked for every trial
+def _library_versions() -> dict[str, str | None]:
     out = {}
     for name in VERSIONED_PACKAGES:
         try:
@@ -514,13 +520,22 @@ class TrialRunner:
             "backbone_config": backbone_config_dict(self.model),
             "trial": self.trial.to_dict(),
             "provenance": self.provenance,
+            "checkpoint_dtype": self.trial.checkpoint_dtype,
         }
-        stats = write_checkpoint(self.store, rel, self.model.state_dict(), meta)
+        stats = write_checkpoint(self.store, rel, checkpoint_state(self.model.state_dict(), self.trial.checkpoint_dtype), meta)
         row = {"trial_id": self.tid, "epoch": self.epoch, "path": rel, **stats}  # relative: the sweep dir can move
         self.checkpoint_rows = [r for r in self.checkpoint_rows if r["epoch"] != self.epoch] + [row]
         self.store.write_table(
             f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA)
         )
+
+
+def checkpoint_state(state_dict: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors an analysis checkpoint stores: floating-point ones cast to `dtype` (a
+    `checkpoint_dtype` of the spec: float32, bfloat16 or float16), the others (integer and
+    boolean buffers) as they are. Training continues on the unrounded weights."""
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if torch.is_floating_point(v) and v.dtype != target else v for k, v in state_dict.items()}
 
 
 def _on_cpu(obj):
