@@ -84,6 +84,8 @@ def cmd_plan(args) -> int:
             if plan["resume_state_gb_peak"] is not None else " times the trials running at once")  # fmt: skip
     print(f"  storage: resume states ~{plan['resume_state_gb_per_trial']:,.2f} GB per running trial{peak}: "
           "deleted when each trial finishes")  # fmt: skip
+    print(f"  diagnostics: ~{plan['diagnostics_cpu_hours']:,.1f} CPU-core-hours for the default `diagnose` "
+          "(measured per kind on CPU; benchmarks/README.md)")  # fmt: skip
     return 0
 
 

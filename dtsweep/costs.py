@@ -245,7 +245,9 @@ def plan_sweep(spec: SweepSpec, *, with_trials: bool = False) -> dict:
     checkpoint_storage_gb (of which analysis checkpoints), resume_state_gb_per_trial (the
     largest trial's resume state, held while it runs), resume_state_gb_peak (the largest
     trials' resume states summed over the trials that can run at once, None when that is not
-    known: a cluster's size), concurrent_trials, and with `with_trials` one row per grid trial.
+    known: a cluster's size), concurrent_trials, diagnostics_cpu_hours (the default `diagnose` of
+    every trial, one CPU core; a GPU runs it many times faster), and with `with_trials` one row
+    per grid trial.
     """
     items = []  # (study, trial, cost, trials it stands for, its seeds or None for a search)
     for st in spec.studies:
@@ -260,6 +262,7 @@ def plan_sweep(spec: SweepSpec, *, with_trials: bool = False) -> dict:
         dev = "GPU" if t.resources.gpu > 0 else "CPU"
         hours.setdefault(s, {"GPU": 0.0, "CPU": 0.0})[dev] += n * c.gpu_hours
     storage = sum(n * c.storage_bytes for _, _, c, n, _ in items)
+    diagnostics_hours = sum(n * c.diagnostics_cpu_hours for _, _, c, n, _ in items)
     checkpoints = sum(n * c.checkpoint_bytes for _, _, c, n, _ in items)
     concurrent = concurrent_trials(spec, [t for _, t, _, _, _ in items])
     resume_sizes = sorted((c.resume_bytes for _, _, c, n, _ in items for _ in range(min(n, concurrent or 1))), reverse=True)
@@ -277,6 +280,7 @@ def plan_sweep(spec: SweepSpec, *, with_trials: bool = False) -> dict:
         "resume_state_gb_per_trial": round(max(resume_sizes, default=0) / 1e9, 3),
         "resume_state_gb_peak": round(sum(resume_sizes[:concurrent]) / 1e9, 3) if concurrent else None,
         "concurrent_trials": concurrent,
+        "diagnostics_cpu_hours": round(diagnostics_hours, 2),
     }
     if with_trials:
         rows = []
