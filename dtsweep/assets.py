@@ -48,7 +48,7 @@ def asset_path(name: str) -> Path:
 
 
 def summary(asset: dict) -> str:
-    """One line describing an asset for `python -m dtsweep assets`."""
+    """One line describing an asset for `dtsweep assets`."""
     card = asset["card"]
     if asset["kind"] == "behaviour":
         detail = f"env {card['env']}"

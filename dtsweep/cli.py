@@ -1,4 +1,4 @@
-"""Command line: `python -m dtsweep {plan,run,status,data,...}`.
+"""Command line: `dtsweep {plan,run,status,data,...}`.
 
 Errors a user can fix (bad spec, missing dataset, unreachable model or cluster, storage
 that cannot be written) print one line and exit with code 2, without a traceback and
@@ -251,7 +251,7 @@ def _require_sweep_dir(sweep_dir: str, needed: str) -> None:
     from dtsweep.store import Store
 
     if not Store(sweep_dir).exists(needed):
-        raise UserError(f"{sweep_dir}: no {needed}; is it a sweep directory that `python -m dtsweep run` finished?")
+        raise UserError(f"{sweep_dir}: no {needed}; is it a sweep directory that `dtsweep run` finished?")
 
 
 # ---- entry point

@@ -24,7 +24,7 @@ runs: its resume state (fp32 weights + AdamW's two moments, 12 bytes per paramet
 when it finishes (`dtsweep.sweepdir.prune_resume_states`), so the resume states on storage at
 any time are those of the trials running (and of unfinished ones).
 
-Diagnostics (`python -m dtsweep diagnose`, default options) are costed in CPU seconds of one
+Diagnostics (`dtsweep diagnose`, default options) are costed in CPU seconds of one
 core per trial and kind (`diagnostics_seconds`), scaled from per-kind figures measured on a
 ChibiT-size trial with benchmarks/diagnostics.py (benchmarks/README.md, "Diagnostics cost").
 """

@@ -46,7 +46,7 @@ class PreflightError(Exception):
 
 
 def check_run(spec: SweepSpec, *, address: str | None = None) -> None:
-    """Everything `python -m dtsweep run` needs, checked before anything is written."""
+    """Everything `dtsweep run` needs, checked before anything is written."""
     points = [t for study in spec.studies for t in spec.grid(study)]  # search studies too
     check_tracking(spec)
     check_inits(points)

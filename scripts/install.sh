@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install dtsweep and everything it needs.
-#   bash scripts/install.sh               # the package (what `python -m dtsweep` needs)
+#   bash scripts/install.sh               # the package (what `dtsweep` needs)
 #   bash scripts/install.sh test          # + the test dependencies
 #   bash scripts/install.sh --cpu         # CPU torch even where nvidia-smi exists (a cluster head)
 #   bash scripts/install.sh --gpu         # the tested CUDA stack (constraints/gpu.txt)
@@ -60,6 +60,6 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null
   else
     echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist);" \
-         "only 'python -m dtsweep pretrain image' and its tests need it" >&2
+         "only 'dtsweep pretrain image' and its tests need it" >&2
   fi
 fi

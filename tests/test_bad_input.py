@@ -1,4 +1,4 @@
-"""Bad input to `python -m dtsweep run`: one clear line, exit code 2, nothing written.
+"""Bad input to `dtsweep run`: one clear line, exit code 2, nothing written.
 
 Every case runs the real CLI in a subprocess against its own storage location and checks
 that the location was not created. The cases are independent, so they run a few at a time.
@@ -116,7 +116,7 @@ def test_bad_input_one_line_exit_2_nothing_written(outcomes, name):
 @pytest.mark.slow
 def test_missing_dataset_says_how_to_make_or_fetch_it(outcomes):
     line = outcomes["dataset_missing_offline"][0].stderr
-    assert "python -m dtsweep data make hopper-medium" in line and "rail.eecs.berkeley.edu" in line
+    assert "dtsweep data make hopper-medium" in line and "rail.eecs.berkeley.edu" in line
 
 
 def test_ray_address_check_is_fast_and_accepts_a_live_one():

@@ -241,12 +241,12 @@ def test_missing_versioned_dataset_says_how_to_get_it():
     assert "\n" not in message
     assert "walker2d_medium-v2.hdf5" in message
     assert "gym_mujoco_v2/walker2d_medium-v2.hdf5" in message  # where to download it
-    assert "python -m dtsweep data make walker2d-medium" in message
+    assert "dtsweep data make walker2d-medium" in message
     assert isinstance(info.value, FileNotFoundError)
 
 
 def test_not_generated_and_no_generator_errors():
-    with pytest.raises(DatasetNotFoundError, match=r"python -m dtsweep data make hopper-random "
+    with pytest.raises(DatasetNotFoundError, match=r"dtsweep data make hopper-random "
                        r"--steps 100 --seed 0 --out \S+hopper-random_steps=100_seed=0.hdf5"):
         resolve_dataset("hopper-random", steps=100, generate=False)
     with pytest.raises(DatasetNotFoundError, match="no offline generator for 'expert'"):

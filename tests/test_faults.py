@@ -1,7 +1,7 @@
 """Sweeps survive lost nodes, killed drivers and failing trials, with nothing lost.
 
 Real Ray everywhere: a multi-node cluster on this machine (ray.cluster_utils.Cluster),
-a real `python -m dtsweep run` killed with SIGKILL, a real I/O error inside a trial.
+a real `dtsweep run` killed with SIGKILL, a real I/O error inside a trial.
 Each test gives Ray a private temp dir (RAY_TMPDIR), so it neither finds nor disturbs
 other Ray instances on the machine, and kills only processes it started.
 """

@@ -137,7 +137,7 @@ def test_tiny_language_model_saves_and_loads(tmp_path):
     assert model.config.n_layer == 1 and model.config.vocab_size == len(tokenizer) == card["architecture"]["vocab_size"]
     assert card["training"]["tokens_seen"] == 3 * 2 * 32
     assert json.loads((tmp_path / "card.json").read_text()) == card
-    assert "python -m dtsweep pretrain language" in (tmp_path / "README.md").read_text()
+    assert "dtsweep pretrain language" in (tmp_path / "README.md").read_text()
     # The loaded weights and tokenizer are the ones the card scored: same held-out loss.
     heldout = first_sequences(encode_documents(tokenizer, news_articles()[1]), 32, 4)
     assert mean_token_loss(model, heldout) == pytest.approx(card["evaluation"]["heldout_loss"], rel=1e-5)

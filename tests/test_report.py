@@ -283,7 +283,7 @@ def test_metrics_only_sweep_renders_and_lists_what_is_missing(tmp_path):
     assert (root / "report" / "tables" / "final_scores.csv").exists()
     assert len(list((root / "report" / "figures").glob("*.png"))) == 3  # returns, action error, scores
     for kind in ("cka", "mine", "params", "gradients", "attention"):
-        assert f"needs diagnostics kind '{kind}': run `python -m dtsweep diagnose {root}" in md
+        assert f"needs diagnostics kind '{kind}': run `dtsweep diagnose {root}" in md
     assert "needs block-swap trials" in md
     assert md.count("**Verdict: not measured.**") == 6  # all but finding 5 (no diagnostics, no swaps)
     assert "Finding 5" in md and md.count("**Verdict (paper scale): supported.**") == 1

@@ -207,7 +207,7 @@ def _generator(quality: str) -> Callable[..., dict] | None:
 def make_dataset(name: str, *, steps: int, seed: int, out_path) -> dict:
     """Generate the unversioned dataset `name` (e.g. "hopper-random") into `out_path`.
 
-    Returns the dataset card. This is what `python -m dtsweep data make` runs.
+    Returns the dataset card. This is what `dtsweep data make` runs.
     """
     env, quality, version = parse_dataset(name)
     if version is not None:
@@ -304,7 +304,7 @@ def resolve_dataset(
         if out.is_file():
             return out
         make_cmd = (
-            f"python -m dtsweep data make {name} --steps {steps} --seed {seed} --out {out}"
+            f"dtsweep data make {name} --steps {steps} --seed {seed} --out {out}"
         )
         if quality not in _GENERATORS:
             raise DatasetNotFoundError(
@@ -328,7 +328,7 @@ def resolve_dataset(
     raise DatasetNotFoundError(
         f"dataset {name!r} not found ({why}): put D4RL's {d4rl_path.name} in "
         f"{d4rl_path.parent}{source}, or use dtsweep's offline dataset {env}-{quality} "
-        f"(python -m dtsweep data make {env}-{quality})"
+        f"(dtsweep data make {env}-{quality})"
     )
 
 

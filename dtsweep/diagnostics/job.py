@@ -1,4 +1,4 @@
-"""`python -m dtsweep diagnose`: every Takagi analysis of every finished trial, as a Ray Data job.
+"""`dtsweep diagnose`: every Takagi analysis of every finished trial, as a Ray Data job.
 
 One work item per (trial, kind). A pool of actors (one per GPU, or one per CPU when there is no
 GPU) rebuilds the trial's model from its Parquet checkpoints, measures, and writes the rows of

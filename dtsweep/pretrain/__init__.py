@@ -1,7 +1,7 @@
 """Offline-made assets: a ChibiT-style language model, an iGPT-style image model, and the
 SAC behaviour policies behind the `medium` datasets.
 
-`python -m dtsweep pretrain language --out DIR` and `python -m dtsweep pretrain image --out DIR`
+`dtsweep pretrain language --out DIR` and `dtsweep pretrain image --out DIR`
 train small GPT-2s (default: 3 layers, 128 wide, 1 head) and save Hugging Face directories
 that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads, with a model card;
 `dtsweep pretrain behaviour ENV` trains a behaviour actor (`dtsweep.pretrain.behaviour`). The

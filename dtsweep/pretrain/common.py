@@ -215,8 +215,8 @@ def load_model_dir(model_dir: str | Path) -> GPT2LMHeadModel:
 
 
 def command_line(kind: str, out_dir: Path, cfg) -> str:
-    """The `python -m dtsweep pretrain` command that reproduces a run of `cfg` (a dataclass)."""
-    args = ["python", "-m", "dtsweep", "pretrain", kind, "--out", str(out_dir)]
+    """The `dtsweep pretrain` command that reproduces a run of `cfg` (a dataclass)."""
+    args = ["dtsweep", "pretrain", kind, "--out", str(out_dir)]
     for f in dataclasses.fields(cfg):
         args += ["--" + f.name.replace("_", "-"), str(getattr(cfg, f.name))]
     return shlex.join(args)

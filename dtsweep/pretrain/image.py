@@ -209,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`python -m dtsweep pretrain image`: train and save; prints the card's evaluation."""
+    """`dtsweep pretrain image`: train and save; prints the card's evaluation."""
     card = pretrain_image(args.out, common.config_from_args(ImageConfig, args))
     print(json.dumps(card["evaluation"], indent=2))
     return 0

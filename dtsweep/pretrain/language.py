@@ -350,7 +350,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`python -m dtsweep pretrain language`: train and save; prints the card's evaluation."""
+    """`dtsweep pretrain language`: train and save; prints the card's evaluation."""
     cfg = common.config_from_args(LanguageConfig, args)
     card = pretrain_language(args.out, cfg)
     print(json.dumps(card["evaluation"], indent=2))

@@ -1,4 +1,4 @@
-"""`python -m dtsweep report SWEEP_DIR`: tables, figures and the seven findings, with seed CIs.
+"""`dtsweep report SWEEP_DIR`: tables, figures and the seven findings, with seed CIs.
 
     write_report(sweep_dir) -> location of <sweep_dir>/report/index.md
     write_report(sweep_dir, out="local/dir") -> local/dir/index.md (a local copy)
@@ -109,7 +109,7 @@ def write_report(sweep_dir: str | Path | Sweep, n_boot: int = 2000, seed: int = 
 
     doc.paragraph(
         f"Sweep directory `{sweep.root}`, report written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-        f"`python -m dtsweep report`. Tables are under `tables/` (CSV and Markdown), figures under `figures/`."
+        f"`dtsweep report`. Tables are under `tables/` (CSV and Markdown), figures under `figures/`."
     )
     doc.paragraph(METHOD)
     if sweep.warnings:

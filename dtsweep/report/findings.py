@@ -184,7 +184,7 @@ def f1_representation(sweep: Sweep, cmp: _Comparer, f: Finding) -> None:
         cmp.roles(f, "debiased CKA", debiased, "image", "none", "less", primary=False)
     else:
         f.missing.append("diagnostics/cka.parquet has no cka_debiased values: rerun "
-                         f"`python -m dtsweep diagnose {sweep.root} --kinds cka`")  # fmt: skip
+                         f"`dtsweep diagnose {sweep.root} --kinds cka`")  # fmt: skip
     plugin = M.trial_scalar(sel, "cka")
     cmp.roles(f, "plug-in CKA", plugin, "language", "none", "less", primary=False)
     cmp.roles(f, "plug-in CKA", plugin, "image", "none", "less", primary=False)

@@ -161,7 +161,7 @@ class Sweep:
                 metrics = None
         if metrics is None:
             notes.append(
-                "no finished trial with metrics: run `python -m dtsweep run SPEC` "
+                "no finished trial with metrics: run `dtsweep run SPEC` "
                 "(metrics.parquet, or metrics/<trial_id>.parquet while a sweep runs)."
             )
 
@@ -178,7 +178,7 @@ class Sweep:
 
     def require_metrics(self) -> pd.DataFrame:
         if self.metrics is None:
-            raise MissingData(f"needs finished trials in {self.root}: run `python -m dtsweep run SPEC`")
+            raise MissingData(f"needs finished trials in {self.root}: run `dtsweep run SPEC`")
         return self.metrics
 
     def diag(self, kind: str) -> pd.DataFrame:
@@ -189,7 +189,7 @@ class Sweep:
         """
         if kind not in self.diagnostics:
             raise MissingData(
-                f"needs diagnostics kind '{kind}': run `python -m dtsweep diagnose {self.root} --kinds {kind}`"
+                f"needs diagnostics kind '{kind}': run `dtsweep diagnose {self.root} --kinds {kind}`"
             )
         df = self.diagnostics[kind]
         needed = DIAGNOSTIC_COLUMNS[kind] + ["init", "env", "context_len", "swap_block", "seed"] + CONDITION_COLUMNS
