@@ -1,6 +1,6 @@
 """Mean CKA (epoch 0 vs final) per init and block, state token: a table from diagnostics.
 
-    python analysis/cka_by_block.py SWEEP_DIR
+python analysis/cka_by_block.py SWEEP_DIR
 """
 
 import sys

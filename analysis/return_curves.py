@@ -1,6 +1,6 @@
 """Draw normalised score per epoch, mean ± standard error over seeds, one panel per env.
 
-    python analysis/return_curves.py SWEEP_DIR [OUT.png]
+python analysis/return_curves.py SWEEP_DIR [OUT.png]
 """
 
 import sys
@@ -21,9 +21,7 @@ m = m[m["trial_id"].isin(finished) & m["swap_block"].isna() & m["normalized_scor
 # One row per (study, init, env, K, epoch): mean and standard error across seeds. Studies
 # stay apart: two studies with the same init and K may differ in a training setting.
 curves = (
-    m.groupby(["study", "init", "env", "context_len", "epoch"])["normalized_score"]
-    .agg(["mean", "sem", "count"])
-    .reset_index()
+    m.groupby(["study", "init", "env", "context_len", "epoch"])["normalized_score"].agg(["mean", "sem", "count"]).reset_index()
 )
 envs = sorted(curves["env"].unique())
 fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.5), squeeze=False)

@@ -128,8 +128,9 @@ def main() -> None:
     print("total cpu-s per trial: " + ", ".join(f"{t:.1f}" for t in total))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": machine, "threads": args.threads, "options": ctx.options, "trials": results},
-                      f, indent=1, default=str)
+            json.dump(
+                {"machine": machine, "threads": args.threads, "options": ctx.options, "trials": results}, f, indent=1, default=str
+            )
 
 
 if __name__ == "__main__":

@@ -339,9 +339,7 @@ REF_EVAL_BOOKKEEPING_S = 0.3e-3  # (a) the reference's torch.cat history updates
 BATCH_EVAL_HOST_S = 0.5e-3  # (a) dtsweep's numpy window gathering and host-device copies per env step
 
 
-def cost_model(
-    epochs: int = 40, steps: int = 2500, episodes: int = 100, episode_steps: int = 1000, targets: int = 1
-) -> dict:
+def cost_model(epochs: int = 40, steps: int = 2500, episodes: int = 100, episode_steps: int = 1000, targets: int = 1) -> dict:
     """Modelled wall-clock hours of one GPT-2-size trial alone on one GPU (= its GPU-hours),
     under dtsweep (fp32 and bf16 autocast) and under the reference protocol (fp32, as released).
 
@@ -368,9 +366,7 @@ def cost_model(
             c = f_train / flops_s
             fwd1 = f_window / flops_s
             ours_train = train_steps * max(c, LAUNCH_TRAIN_S + SAMPLER_S)
-            ours_eval = eval_steps * (
-                max(episodes * fwd1, LAUNCH_FWD_S) + episodes * ENV_STEP_S_M + BATCH_EVAL_HOST_S
-            )
+            ours_eval = eval_steps * (max(episodes * fwd1, LAUNCH_FWD_S) + episodes * ENV_STEP_S_M + BATCH_EVAL_HOST_S)
             row[f"dtsweep_{label}"] = {"train_h": ours_train / 3600, "eval_h": ours_eval / 3600,
                                        "total_h": (ours_train + ours_eval) / 3600}  # fmt: skip
             if label == "fp32":
@@ -523,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "context_len": args.context_len,
         "flop_formula": "batch · T · (6 · N + 12 · n_layer · n_embd · T), T = 3K tokens a window, N = block params",
-        "flops_per_step": flops_per_step(
-            n_block, args.model["n_layer"], args.model["n_embd"], args.batch, args.context_len
-        ),
+        "flops_per_step": flops_per_step(n_block, args.model["n_layer"], args.model["n_embd"], args.batch, args.context_len),
         "peak_tflops": peak_for(name, args.peak_tflops)[0],
         "peak_source": peak_for(name, args.peak_tflops)[1],
     }

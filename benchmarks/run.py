@@ -36,9 +36,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -670,7 +670,14 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.readme:
         write_readme(Path(args.readme), results)
-    for key in ("sampler_speedup", "eval_speedup", "eval_speedup_long_episodes", "train_step_speedup", "cka_speedup", "mine_speedup"):
+    for key in (
+        "sampler_speedup",
+        "eval_speedup",
+        "eval_speedup_long_episodes",
+        "train_step_speedup",
+        "cka_speedup",
+        "mine_speedup",
+    ):
         e = results[key]
         print(f"{key:<28} {e['ratio']:7.2f} (wall clock {e['wall']['ratio']:.2f})  "
               f"dtsweep {e['dtsweep']:.3g} vs reference {e['reference']:.3g} {e['unit']}")  # fmt: skip

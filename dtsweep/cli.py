@@ -267,16 +267,24 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     q = sub.add_parser("plan", help="list the trials of a sweep and estimate GPU-hours and storage")
     q.add_argument("sweep", help="sweep YAML file")
-    q.add_argument("--storage", help="override the spec's storage (local path or URI; default: $DTSWEEP_STORAGE, else the spec's)")
+    q.add_argument(
+        "--storage", help="override the spec's storage (local path or URI; default: $DTSWEEP_STORAGE, else the spec's)"
+    )
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--allow-large", action="store_true", help=f"accept a grid of more than {MAX_TRIALS_TEXT} trials")
     q.set_defaults(func=cmd_plan)
 
     q = sub.add_parser("run", help="train every unfinished trial of a sweep (resumable)")
     q.add_argument("sweep", help="sweep YAML file")
-    q.add_argument("--storage", help="override the spec's storage (default: $DTSWEEP_STORAGE, else the spec's); outputs land in STORAGE/<name>/")
-    q.add_argument("--address", help="Ray cluster address, e.g. 10.0.0.5:6379 or auto (default: RAY_ADDRESS, "
-                   "else the Ray started on this machine by `ray start`, else a new local Ray)")
+    q.add_argument(
+        "--storage",
+        help="override the spec's storage (default: $DTSWEEP_STORAGE, else the spec's); outputs land in STORAGE/<name>/",
+    )
+    q.add_argument(
+        "--address",
+        help="Ray cluster address, e.g. 10.0.0.5:6379 or auto (default: RAY_ADDRESS, "
+        "else the Ray started on this machine by `ray start`, else a new local Ray)",
+    )
     q.add_argument("--retry-failed", action="store_true", help="also rerun trials recorded as failed")
     q.add_argument("--allow-large", action="store_true", help=f"accept a grid of more than {MAX_TRIALS_TEXT} trials")
     q.set_defaults(func=cmd_run)
@@ -310,14 +318,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     q = sub.add_parser("diagnose", help="Ray Data job: every diagnostic of the sweep's checkpoints -> diagnostics/*.parquet")
     q.add_argument("sweep_dir")
     q.add_argument("--kinds", help="comma-separated subset of cka,mine,params,gradients,attention (default: all)")
-    q.add_argument("--fast", action="store_true",
-                   help="small samples and critics: a CPU smoke run, ~20 s of one core per ChibiT-size trial against "
-                   "~210 s by default; not for conclusions: MINE's figures come out ~1/3 of the default's (ratio of "
-                   "means 0.36, median per-critic ratio 0.21 on a quickstart trial), CKA within 0.03 "
-                   "(benchmarks/README.md, 'Diagnostics cost')")
-    q.add_argument("--set", action="append", metavar="KIND.OPTION=VALUE",
-                   help="override a measurement setting (dtsweep/diagnostics/job.py DEFAULT_OPTIONS), e.g. "
-                        "mine.depths=middle (MINE at the middle block only), mine.n_windows=2048; repeatable")
+    q.add_argument(
+        "--fast",
+        action="store_true",
+        help="small samples and critics: a CPU smoke run, ~20 s of one core per ChibiT-size trial against "
+        "~210 s by default; not for conclusions: MINE's figures come out ~1/3 of the default's (ratio of "
+        "means 0.36, median per-critic ratio 0.21 on a quickstart trial), CKA within 0.03 "
+        "(benchmarks/README.md, 'Diagnostics cost')",
+    )
+    q.add_argument(
+        "--set",
+        action="append",
+        metavar="KIND.OPTION=VALUE",
+        help="override a measurement setting (dtsweep/diagnostics/job.py DEFAULT_OPTIONS), e.g. "
+        "mine.depths=middle (MINE at the middle block only), mine.n_windows=2048; repeatable",
+    )
     q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the cluster on this node, else a local Ray)")
     q.set_defaults(func=cmd_diagnose)
 

@@ -126,8 +126,9 @@ def _mine_block_count(n_layer: int) -> int:
     return len({0, n_layer // 2, n_layer - 1})  # shallow, middle, deep (merged when equal)
 
 
-def diagnostics_seconds(kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64,
-                        n_epochs_saved: int = 3) -> float:
+def diagnostics_seconds(
+    kind: str, n_layer: int, n_embd: int, context_len: int, *, batch_size: int = 64, n_epochs_saved: int = 3
+) -> float:
     """Rough CPU seconds (one core, the job's DEFAULT_OPTIONS) that diagnostic `kind` takes for one trial.
 
     Scales DIAGNOSTICS_CPU_SECONDS by the work that grows with the model: forwards and feature
@@ -210,9 +211,7 @@ def estimate(trial: Trial, device: Device | None = None) -> TrialCost:
     train_s = trial.epochs * trial.train.steps_per_epoch * step_s
     n_eps = trial.eval.episodes
     eval_step_s = (
-        dev.eval_step_overhead_s
-        + 2 * block_params * n_eps * 3 * trial.context_len / dev.train_flops
-        + n_eps * dev.env_step_s
+        dev.eval_step_overhead_s + 2 * block_params * n_eps * 3 * trial.context_len / dev.train_flops + n_eps * dev.env_step_s
     )
     eval_s = trial.epochs * trial.eval.max_steps * eval_step_s
     hours = (train_s + eval_s) / 3600

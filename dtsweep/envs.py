@@ -63,9 +63,7 @@ def parse_dataset(name: str) -> tuple[str, str, str | None]:
     if env not in ENVS:
         raise ValueError(f"unknown env {env!r} in dataset {name!r}; allowed: {sorted(ENVS)}")
     if quality not in DATASET_QUALITIES:
-        raise ValueError(
-            f"unknown dataset quality {quality!r} in {name!r}; allowed: {list(DATASET_QUALITIES)}"
-        )
+        raise ValueError(f"unknown dataset quality {quality!r} in {name!r}; allowed: {list(DATASET_QUALITIES)}")
     return env, quality, version
 
 

@@ -60,7 +60,9 @@ def prepare_datasets(trials: list[Trial], log=print) -> dict[tuple, DatasetSourc
             out[key] = resolve_source(name, env=env, steps=steps, seed=seed)
             log(f"dataset {name}: generated in {time.perf_counter() - t0:.0f}s -> {out[key].path}")
         if sha is not None and out[key].sha256 != sha:
-            raise ValueError(f"dataset file {out[key].path} changed since the spec was loaded (sha256 {out[key].sha256}, was {sha})")
+            raise ValueError(
+                f"dataset file {out[key].path} changed since the spec was loaded (sha256 {out[key].sha256}, was {sha})"
+            )
     return out
 
 

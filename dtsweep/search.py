@@ -63,8 +63,9 @@ import datetime as dt
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -208,9 +209,7 @@ def make_sampler(cfg: SearchConfig, group_seed: int, n_history: int) -> optuna.s
         )
 
 
-def new_study(
-    cfg: SearchConfig, group_seed: int, history: list[dict], name: str = "search", storage: Any = None
-) -> optuna.Study:
+def new_study(cfg: SearchConfig, group_seed: int, history: list[dict], name: str = "search", storage: Any = None) -> optuna.Study:
     """An Optuna study (in memory unless `storage` is given) holding `history` (rows of
     search.parquet with a result status and fit_space params), with a sampler seeded for
     that history."""
@@ -662,7 +661,11 @@ def _report_best(store: Store, group: Group, rows: list[dict], log) -> None:
         return
     n = sum(r["status"] == "finished" for r in rows)
     values = " ".join(f"{p.path}={_fmt(p.path, best[p.path])}" for p in cfg.parameters)
-    what = f"{cfg.objective.metric} ({cfg.objective.at} epoch)" if cfg.objective.at in ("final", "best") else f"{cfg.objective.metric} (epoch {cfg.objective.at})"
+    what = (
+        f"{cfg.objective.metric} ({cfg.objective.at} epoch)"
+        if cfg.objective.at in ("final", "best")
+        else f"{cfg.objective.metric} (epoch {cfg.objective.at})"
+    )
     header = (
         f"# Best of search study {group.study.name!r}, group {group.key}: {what} = {best['objective']:.6g}\n"
         f"# (sample {best['sample']}, trial {best['trial_id']}, best of {n} finished samples).\n"
@@ -673,4 +676,6 @@ def _report_best(store: Store, group: Group, rows: list[dict], log) -> None:
     rel = f"search/{group.study.name}/best_{group.key}.yaml"
     if not store.exists(rel) or store.read_bytes(rel).decode() != text:
         store.write_bytes(rel, text.encode())
-    log(f"{label}: best {what} = {best['objective']:.4g} with {values} (sample {best['sample']}, trial {best['trial_id']}) -> {store.uri(rel)}")
+    log(
+        f"{label}: best {what} = {best['objective']:.4g} with {values} (sample {best['sample']}, trial {best['trial_id']}) -> {store.uri(rel)}"
+    )

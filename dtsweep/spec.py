@@ -385,9 +385,7 @@ def _result_hash(trial_dict: dict, fields: tuple) -> str:
         payload["dataset"] = "sha256:" + trial_dict["dataset_sha256"]
     payload["result_version"] = RESULT_VERSION
     unset = dataclasses.asdict(TrainConfig())
-    payload["train"] = {
-        k: v for k, v in payload["train"].items() if not (k in HASHED_WHEN_SET and v == unset[k])
-    }
+    payload["train"] = {k: v for k, v in payload["train"].items() if not (k in HASHED_WHEN_SET and v == unset[k])}
     # Normalise the target return to the one that applies to this trial's env only, so
     # listing another env's target in a shared eval block does not change this trial's id.
     ev = dict(payload["eval"])
@@ -529,7 +527,7 @@ def _check_name(v: Any, path: str) -> str:
     return v
 
 
-def grid_size(spec: "SweepSpec") -> int:
+def grid_size(spec: SweepSpec) -> int:
     """Number of trials the spec stands for (search studies: groups × num_samples), by arithmetic."""
     total = 0
     for st in spec.studies:
@@ -538,7 +536,7 @@ def grid_size(spec: "SweepSpec") -> int:
     return total
 
 
-def check_grid_size(spec: "SweepSpec", *, allow_large: bool = False) -> None:
+def check_grid_size(spec: SweepSpec, *, allow_large: bool = False) -> None:
     """Refuse (SpecError) a grid above MAX_TRIALS trials unless allow_large."""
     n = grid_size(spec)
     if n > MAX_TRIALS and not allow_large:
@@ -736,9 +734,7 @@ def _parse_init(v: Any, path: str) -> str:
         return v
     close = difflib.get_close_matches(v, NAMED_INITS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise SpecError(
-        f"{path}: unknown init {v!r}{hint}; allowed: {', '.join(NAMED_INITS)} or a local model directory"
-    )
+    raise SpecError(f"{path}: unknown init {v!r}{hint}; allowed: {', '.join(NAMED_INITS)} or a local model directory")
 
 
 def _parse_datasets(source: dict, d: dict, path: str) -> tuple[tuple, tuple, tuple]:
@@ -800,10 +796,7 @@ def _parse_study(raw: Any, i: int, defaults: dict) -> Study:
     source = raw if ("dataset" in raw or "env" in raw) else defaults
     datasets, envs, shas = _parse_datasets(source, d, path)
     ks = tuple(_int(k, f"{path}.context_len", lo=1) for k in _as_list(d.get("context_len", 20)))
-    swaps = tuple(
-        None if s is None else _int(s, f"{path}.swap_block", lo=0)
-        for s in _as_list(d.get("swap_block", None))
-    )
+    swaps = tuple(None if s is None else _int(s, f"{path}.swap_block", lo=0) for s in _as_list(d.get("swap_block", None)))
     if any(s is not None for s in swaps) and any(init not in RANDOM_INITS for init in inits):
         raise SpecError(f"{path}.swap_block: block swaps need a random init (random or random-ref), got init {list(inits)}")
     swap_from = d.get("swap_from", "gpt2")
@@ -1009,7 +1002,9 @@ def _parse_objective(v: Any, p: str, epochs: int) -> Objective:
     better = OBJECTIVE_METRICS[metric]
     direction = _one_of(d.get("direction", better), ["maximize", "minimize"], f"{p}.direction")
     if direction != better:
-        raise _fail(f"{p}.direction", direction, f"{better!r} for {metric} ({'higher' if better == 'maximize' else 'lower'} is better)")
+        raise _fail(
+            f"{p}.direction", direction, f"{better!r} for {metric} ({'higher' if better == 'maximize' else 'lower'} is better)"
+        )
     return Objective(metric=metric, at=at, direction=direction)
 
 
@@ -1043,13 +1038,19 @@ def _parse_search(v: Any, p: str, inits: tuple, swaps: tuple, train: TrainConfig
             hint = f"did you mean {close[0]!r}?" if close else f"searchable: {', '.join(SEARCHABLE)}"
             raise SpecError(f"{p}.parameters.{key}: not a searchable setting; {hint}")
     if "train.dropout" in raw and any(k.startswith("train.dropout.") for k in raw):
-        raise SpecError(f"{p}.parameters.train.dropout: give train.dropout (all three) or train.dropout.<resid|attn|embd>, not both")
+        raise SpecError(
+            f"{p}.parameters.train.dropout: give train.dropout (all three) or train.dropout.<resid|attn|embd>, not both"
+        )
     model_keys = [k for k in raw if k.startswith("model.")]
     pretrained = [i for i in inits if i not in RANDOM_INITS]
     if model_keys and pretrained:
-        raise SpecError(f"{p}.parameters.{model_keys[0]}: model settings only apply to random inits (random, random-ref), got init {pretrained}")
+        raise SpecError(
+            f"{p}.parameters.{model_keys[0]}: model settings only apply to random inits (random, random-ref), got init {pretrained}"
+        )
     if "model.n_layer" in raw and any(s is not None for s in swaps):
-        raise SpecError(f"{p}.parameters.model.n_layer: cannot be searched with block swaps (the swapped block must exist in every sample)")
+        raise SpecError(
+            f"{p}.parameters.model.n_layer: cannot be searched with block swaps (the swapped block must exist in every sample)"
+        )
     params = tuple(_parse_param(k, x, f"{p}.parameters.{k}", train, model) for k, x in raw.items())
     _check_head_split(params, model, f"{p}.parameters")
     return SearchConfig(
@@ -1167,6 +1168,7 @@ def _check_swap_depths(spec: SweepSpec) -> None:
         if not swaps:
             continue
         from dtsweep.models.backbones import backbone_depth  # imports torch: only when needed
+
         depth = min(
             min(backbone_depth(init, st.model.overrides()) for init in st.init),
             backbone_depth(st.swap_from),

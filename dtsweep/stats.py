@@ -235,9 +235,7 @@ def compare_groups(
     return Effect(point, low, high, poi, n_a, n_b, tasks)
 
 
-def bootstrap_band(
-    values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bootstrap_band(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean curve and percentile-bootstrap band across seeds, for plotting.
 
     values: [n_seeds, n_points] (a curve per seed, e.g. score per epoch). Seeds are

@@ -284,7 +284,10 @@ def sha256_file(path: str) -> str:
 
 def to_numpy_rows(df: pd.DataFrame) -> list[dict]:
     """DataFrame rows as plain-Python dicts (NaN/NA -> None) for table_from_rows."""
-    return [{k: (None if pd.isna(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in r.items()} for r in df.to_dict("records")]
+    return [
+        {k: (None if pd.isna(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in r.items()}
+        for r in df.to_dict("records")
+    ]
 
 
 # ---- the run lease: one `run` at a time per sweep directory
@@ -310,7 +313,7 @@ def read_lease(store: Store) -> dict | None:
 
 
 def lease_state(info: dict | None, now: float | None = None) -> str:
-    """"live", "expired" (not renewed in time) or "dead" (its driver on this host is gone); "none"."""
+    """ "live", "expired" (not renewed in time) or "dead" (its driver on this host is gone); "none"."""
     if info is None:
         return "none"
     if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
@@ -428,7 +431,7 @@ class Lease:
         if current is not None and current["run_id"] == self.run_id:
             self.store.delete(LEASE_FILE)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 

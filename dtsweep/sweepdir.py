@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from dtsweep.schemas import CHECKPOINTS_SCHEMA, METRICS_SCHEMA, PROVENANCE_COLUMNS, TRIALS_SCHEMA
 from dtsweep.spec import SweepSpec, Trial, resolved_yaml
-from dtsweep.store import Store, lease_state, resolve, read_checkpoint_metadata, read_lease, sha256_file, table_from_rows
+from dtsweep.store import Store, lease_state, read_checkpoint_metadata, read_lease, resolve, sha256_file, table_from_rows
 
 TUNE_DIR = "_tune"
 RESUME_FILE = "resume.pt"
@@ -91,7 +91,7 @@ class RunSummary:
     finished: int
     failed: int
 
-    def __add__(self, other: "RunSummary") -> "RunSummary":
+    def __add__(self, other: RunSummary) -> RunSummary:
         fields = ("total", "skipped", "ran", "finished", "failed")
         return RunSummary(self.sweep_dir, *(getattr(self, f) + getattr(other, f) for f in fields))
 
@@ -725,7 +725,9 @@ def sweep_status(sweep_dir: str) -> dict:
         rows = _ledger_from_sweep_yaml(store)
         if rows is None:
             if store.exists("trials.parquet"):
-                raise FileNotFoundError(f"{sweep_dir}: trials.parquet is unreadable and there is no readable sweep.yaml to rebuild it from")
+                raise FileNotFoundError(
+                    f"{sweep_dir}: trials.parquet is unreadable and there is no readable sweep.yaml to rebuild it from"
+                )
             raise FileNotFoundError(f"{sweep_dir}: no trials.parquet (not a dtsweep sweep directory, or never run)")
         problems.append(("trials.parquet is unreadable" if store.exists("trials.parquet") else "trials.parquet is missing")
                         + ": statuses below are rebuilt from sweep.yaml and metrics/; `run` repairs it")  # fmt: skip
@@ -767,7 +769,9 @@ def sweep_status(sweep_dir: str) -> dict:
         "lease": lease if live else None,
         "problems": problems,
         "failures": failures.to_dict("records"),
-        "trials": df[["trial_id", "study", "init", "dataset", "context_len", "swap_block", "seed", "status", "epochs_done", "epochs"]],
+        "trials": df[
+            ["trial_id", "study", "init", "dataset", "context_len", "swap_block", "seed", "status", "epochs_done", "epochs"]
+        ],
     }
 
 

@@ -240,7 +240,7 @@ def _duration(seconds: float) -> str:
 
 
 def describe(t: Trial) -> str:
-    """"(init dataset K=.. seed=..)" of a trial, for progress and log lines."""
+    """ "(init dataset K=.. seed=..)" of a trial, for progress and log lines."""
     swap = f" swap={t.swap_block}" if t.swap_block is not None else ""
     return f"({t.init} {t.dataset} K={t.context_len}{swap} seed={t.seed})"
 

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from dtsweep.models import InitError, build_backbone, build_decision_transformer
+from dtsweep.models.backbones import ASSETS_DIR
+from dtsweep.spec import Aux, KMeansCosine, LMCotrain
 from dtsweep.train import auxiliary as aux
 from dtsweep.train.auxiliary import (
     AuxiliaryObjectives,
@@ -24,9 +27,6 @@ from dtsweep.train.auxiliary import (
     spherical_kmeans,
     table_centers,
 )
-from dtsweep.models import InitError, build_backbone, build_decision_transformer
-from dtsweep.models.backbones import ASSETS_DIR
-from dtsweep.spec import Aux, KMeansCosine, LMCotrain
 
 torch.set_num_threads(1)
 

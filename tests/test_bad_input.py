@@ -50,23 +50,37 @@ def free_port() -> int:
 # name -> (spec: dict or raw YAML text, extra CLI args, extra env, text the one line must hold)
 CASES = {
     "malformed_yaml": ("name: bad\nstudies: [\n  {init: random\n", [], {}, "malformed YAML at line"),
-    "wrong_type": (with_study(train={"epochs": "ten"}), [], {}, "studies[0].train.epochs: 'ten' is not valid; expected an integer"),
+    "wrong_type": (
+        with_study(train={"epochs": "ten"}),
+        [],
+        {},
+        "studies[0].train.epochs: 'ten' is not valid; expected an integer",
+    ),
     "unknown_key": (with_study(trian={"epochs": 1}), [], {}, "studies[0].trian: unknown key; did you mean 'train'?"),
     "unknown_env": (with_study(dataset=["hoper-medium"]), [], {}, "unknown env 'hoper'"),
     "unknown_init": (with_study(init="gtp2"), [], {}, "unknown init 'gtp2' (did you mean 'gpt2'?)"),
     "swap_block_out_of_range": (
-        with_study(swap_block=[2], swap_from="gpt2"), [], {}, "swap_block: 2 is not valid; expected a block index in 0..1 (model depth 2)"
+        with_study(swap_block=[2], swap_from="gpt2"),
+        [],
+        {},
+        "swap_block: 2 is not valid; expected a block index in 0..1 (model depth 2)",
     ),
     "dataset_missing_offline": (
-        with_study(dataset=["hopper-medium-v2"]), [], {"DTSWEEP_OFFLINE": "1", "D4RL_DATASET_DIR": "{tmp}/d4rl"},
+        with_study(dataset=["hopper-medium-v2"]),
+        [],
+        {"DTSWEEP_OFFLINE": "1", "D4RL_DATASET_DIR": "{tmp}/d4rl"},
         "dataset 'hopper-medium-v2' not found (offline): put D4RL's hopper_medium-v2.hdf5 in",
     ),  # fmt: skip
     "dataset_without_generator": (
-        with_study(dataset=["hopper-expert"]), [], {"DTSWEEP_OFFLINE": "1", "D4RL_DATASET_DIR": "{tmp}/d4rl"},
+        with_study(dataset=["hopper-expert"]),
+        [],
+        {"DTSWEEP_OFFLINE": "1", "D4RL_DATASET_DIR": "{tmp}/d4rl"},
         "no offline generator for 'expert'",
     ),  # fmt: skip
     "hub_model_offline": (
-        with_study(init="gpt2", model=None), [], {"HF_HUB_OFFLINE": "1", "HF_HOME": "{tmp}/hf"},
+        with_study(init="gpt2", model=None),
+        [],
+        {"HF_HUB_OFFLINE": "1", "HF_HOME": "{tmp}/hf"},
         "Hugging Face model 'gpt2' cannot be loaded (HF_HUB_OFFLINE is set and it is not in the local cache); "
         "on a machine with internet run `hf download gpt2 --local-dir DIR`",
     ),  # fmt: skip
@@ -188,10 +202,18 @@ RUN_CASES = {
     "sweep_named_dot": ({**VALID, "name": "."}, [], "name: '.' is not valid"),
     "study_named_dotdot": (with_study(name=".."), [], "studies[0].name: '..' is not valid"),
     "study_name_with_slash": (with_study(name="a/b"), [], "studies[0].name: 'a/b' is not valid"),
-    "seed_2_63": (with_study(seed=[2**63]), [], "studies[0].seed[0]: 9223372036854775808 is not valid; expected an integer in [0, 2**63)"),
+    "seed_2_63": (
+        with_study(seed=[2**63]),
+        [],
+        "studies[0].seed[0]: 9223372036854775808 is not valid; expected an integer in [0, 2**63)",
+    ),
     "seed_negative": (with_study(seed=[-1]), [], "studies[0].seed[0]: -1 is not valid; expected an integer >= 0"),
     "seed_count_past_2_63": (with_study(seed={"start": 2**63 - 1, "count": 2}), [], "seeds in [0, 2**63)"),
-    "epochs_beyond_int64": (with_study(train={"epochs": 2**64}), [], "studies[0].train.epochs: 18446744073709551616 is not valid"),
+    "epochs_beyond_int64": (
+        with_study(train={"epochs": 2**64}),
+        [],
+        "studies[0].train.epochs: 18446744073709551616 is not valid",
+    ),
     "not_utf8": (b"name: caf\xe9\nstudies: []\n", [], "not a UTF-8 text file"),
     "not_yaml_binary": (b"\x89PNG\r\n\x1a\n\x00\x00", [], "not a UTF-8 text file"),
     "grid_too_large": (with_study(seed={"start": 0, "count": 100_001}), [], "the sweep has 100,001 trials (more than 100,000)"),

@@ -10,11 +10,15 @@ import pytest
 import torch
 
 from dtsweep.data import behaviour as bh
-from dtsweep.pretrain import behaviour as sac
 from dtsweep.data.d4rl import (
-    D4RL_DTYPES, D4RL_KEYS, make_dataset, read_d4rl_hdf5, read_dataset_card,
+    D4RL_DTYPES,
+    D4RL_KEYS,
+    make_dataset,
+    read_d4rl_hdf5,
+    read_dataset_card,
 )
 from dtsweep.envs import ENVS, normalized_score
+from dtsweep.pretrain import behaviour as sac
 
 ENV_NAMES = sorted(ENVS)  # every env ships an actor; a missing one fails its tests
 
@@ -76,9 +80,7 @@ def test_shipped_actors_fit_in_one_megabyte():
     assert total < 1_000_000
 
 
-@pytest.mark.parametrize(
-    "env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in ENV_NAMES]
-)
+@pytest.mark.parametrize("env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in ENV_NAMES])
 def test_card_score_is_reproduced_by_the_saved_weights(env):
     card = bh.load_behaviour_card(env)
     policy = bh.load_behaviour_policy(env)
@@ -142,17 +144,17 @@ def test_sac_updates_on_real_transitions_change_every_network(one_thread):
         buffer.add(obs, action, reward, next_obs, terminated)
         obs = env.reset()[0] if terminated or truncated else next_obs
 
-    before = {name: {k: v.clone() for k, v in net.state_dict().items()}
-              for name, net in [("actor", agent.actor), ("critic", agent.critic),
-                                ("target", agent.target_critic)]}
+    before = {
+        name: {k: v.clone() for k, v in net.state_dict().items()}
+        for name, net in [("actor", agent.actor), ("critic", agent.critic), ("target", agent.target_critic)]
+    }
     alpha_before = agent.log_alpha.item()
     stats = [agent.update(buffer.sample(cfg.batch_size)) for _ in range(200)]
 
     for key in ("critic_loss", "actor_loss", "alpha", "entropy"):
         assert np.all(np.isfinite([s[key] for s in stats])), key
     assert stats[-1]["critic_loss"] < stats[0]["critic_loss"]  # it fits the Bellman targets
-    for name, net in [("actor", agent.actor), ("critic", agent.critic),
-                      ("target", agent.target_critic)]:
+    for name, net in [("actor", agent.actor), ("critic", agent.critic), ("target", agent.target_critic)]:
         changed = [not torch.equal(v, before[name][k]) for k, v in net.state_dict().items()]
         assert all(changed), name
     assert agent.log_alpha.item() != alpha_before
@@ -161,10 +163,10 @@ def test_sac_updates_on_real_transitions_change_every_network(one_thread):
 
 
 def test_train_behaviour_saves_the_evaluated_actor_and_its_card(tmp_path, one_thread):
-    cfg = sac.SACConfig(hidden=(32, 32), batch_size=64, start_steps=200, eval_every=150,
-                       eval_episodes=2, confirm_episodes=3)
-    card = sac.train_behaviour("hopper", seed=1, target_band=(-1e9, 1e9), max_steps=1000,
-                              config=cfg, out_dir=tmp_path, log=lambda s: None)
+    cfg = sac.SACConfig(hidden=(32, 32), batch_size=64, start_steps=200, eval_every=150, eval_episodes=2, confirm_episodes=3)
+    card = sac.train_behaviour(
+        "hopper", seed=1, target_band=(-1e9, 1e9), max_steps=1000, config=cfg, out_dir=tmp_path, log=lambda s: None
+    )
 
     # The wide band is hit at the first evaluation after the random warm-up (step 300).
     assert card["in_band"] is True and card["training_steps"] == 300
@@ -179,10 +181,8 @@ def test_train_behaviour_saves_the_evaluated_actor_and_its_card(tmp_path, one_th
 
 
 def test_train_behaviour_keeps_the_closest_snapshot_when_the_band_is_missed(tmp_path, one_thread):
-    cfg = sac.SACConfig(hidden=(16,), batch_size=32, start_steps=100, eval_every=100,
-                       eval_episodes=2)
-    card = sac.train_behaviour("hopper", target_band=(1e6, 2e6), max_steps=300, config=cfg,
-                              out_dir=tmp_path, log=lambda s: None)
+    cfg = sac.SACConfig(hidden=(16,), batch_size=32, start_steps=100, eval_every=100, eval_episodes=2)
+    card = sac.train_behaviour("hopper", target_band=(1e6, 2e6), max_steps=300, config=cfg, out_dir=tmp_path, log=lambda s: None)
     assert card["in_band"] is False and card["training_steps"] in (200, 300)
     assert bh.load_behaviour_card("hopper", tmp_path) == json.loads(json.dumps(card))
     # An actor outside the band makes no `medium` dataset.
@@ -198,8 +198,7 @@ def test_cli_fills_unset_options_from_the_env_recipe(tmp_path):
     with pytest.raises(ValueError, match=r"start_steps=5000, eval_every=1000"):
         main(["pretrain", "behaviour", "hopper", "--max-steps", "300", "--out-dir", str(tmp_path)])
     with pytest.raises(ValueError, match=r"eval_every=7"):
-        main(["pretrain", "behaviour", "hopper", "--max-steps", "300", "--eval-every", "7",
-              "--out-dir", str(tmp_path)])
+        main(["pretrain", "behaviour", "hopper", "--max-steps", "300", "--eval-every", "7", "--out-dir", str(tmp_path)])
 
 
 def test_unknown_env_is_rejected():
@@ -241,9 +240,7 @@ def test_medium_dataset_is_deterministic_by_seed(tmp_path):
     assert not np.array_equal(a["actions"], c["actions"])
 
 
-@pytest.mark.parametrize(
-    "env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in ENV_NAMES]
-)
+@pytest.mark.parametrize("env", [pytest.param(e, marks=[] if e == "hopper" else pytest.mark.slow) for e in ENV_NAMES])
 def test_medium_dataset_behaviour_score_is_in_band(tmp_path, env):
     card = bh.make_medium_dataset(env, 20_000, 0, tmp_path / f"{env}-medium.hdf5")
     lo, hi = bh.MEDIUM_BANDS[env]

@@ -57,8 +57,10 @@ def test_gpu_worker_types_spot_and_on_demand_of_each_shape(config):
     small = min(gpu.values(), key=lambda t: t["resources"]["GPU"])
     # Two trials of the paper grid ({cpu: 2, gpu: 0.5}) fit on one small GPU node.
     assert small["resources"]["CPU"] >= 4 and small["resources"]["GPU"] >= 1
-    assert sum(t.get("max_workers", 0) for t in types.values()) >= config["max_workers"] >= sum(
-        t.get("min_workers", 0) for t in types.values()
+    assert (
+        sum(t.get("max_workers", 0) for t in types.values())
+        >= config["max_workers"]
+        >= sum(t.get("min_workers", 0) for t in types.values())
     )
 
 

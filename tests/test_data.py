@@ -62,9 +62,7 @@ def hopper_random(tmp_path_factory):
 def test_generated_file_has_d4rl_layout_and_card(hopper_random):
     path, card = hopper_random
     with h5py.File(path, "r") as f:
-        assert set(f.keys()) == {
-            "observations", "next_observations", "actions", "rewards", "terminals", "timeouts"
-        }
+        assert set(f.keys()) == {"observations", "next_observations", "actions", "rewards", "terminals", "timeouts"}
         for key in ("observations", "next_observations", "actions", "rewards"):
             assert f[key].dtype == np.float32, key
         assert f["terminals"].dtype == np.bool_ and f["timeouts"].dtype == np.bool_
@@ -116,8 +114,7 @@ def test_episodes_end_with_true_final_observation(hopper_random):
 
 def test_time_limit_sets_timeouts_not_terminals():
     cap = 5
-    data = rollout_dataset("hopper", uniform_policy(3), 200, seed=3, num_envs=4,
-                           max_episode_steps=cap)
+    data = rollout_dataset("hopper", uniform_policy(3), 200, seed=3, num_envs=4, max_episode_steps=cap)
     assert len(data["rewards"]) == 200
     traj = split_trajectories(data)
     assert traj.episode_lengths.max() <= cap
@@ -246,8 +243,11 @@ def test_missing_versioned_dataset_says_how_to_get_it():
 
 
 def test_not_generated_and_no_generator_errors():
-    with pytest.raises(DatasetNotFoundError, match=r"dtsweep data make hopper-random "
-                       r"--steps 100 --seed 0 --out \S+hopper-random_steps=100_seed=0.hdf5"):
+    with pytest.raises(
+        DatasetNotFoundError,
+        match=r"dtsweep data make hopper-random "
+        r"--steps 100 --seed 0 --out \S+hopper-random_steps=100_seed=0.hdf5",
+    ):
         resolve_dataset("hopper-random", steps=100, generate=False)
     with pytest.raises(DatasetNotFoundError, match="no offline generator for 'expert'"):
         resolve_dataset("hopper-expert")
@@ -347,7 +347,7 @@ def naive_window(data, start, k, mean, std, rtg_scale, max_ep_len):
     """One window the way the reference DT's get_batch builds it, one sample at a time."""
     rows = next(r for r in naive_episodes(data["terminals"], data["timeouts"]) if start in r)
     si = rows.index(start)
-    ep_rows = rows[si:si + k]
+    ep_rows = rows[si : si + k]
     tlen = len(ep_rows)
     rewards = data["rewards"][rows[si:]].astype(np.float64)
     rtg = np.array([rewards[j:].sum() for j in range(tlen)])
@@ -355,11 +355,9 @@ def naive_window(data, start, k, mean, std, rtg_scale, max_ep_len):
     pad = k - tlen
     return {
         "states": np.concatenate([np.zeros((pad, states.shape[1])), states]),
-        "actions": np.concatenate([np.full((pad, data["actions"].shape[1]), -10.0),
-                                   data["actions"][ep_rows]]),
+        "actions": np.concatenate([np.full((pad, data["actions"].shape[1]), -10.0), data["actions"][ep_rows]]),
         "returns_to_go": np.concatenate([np.zeros(pad), rtg / rtg_scale])[:, None],
-        "timesteps": np.concatenate([np.zeros(pad), np.minimum(np.arange(si, si + tlen),
-                                                                  max_ep_len - 1)]),
+        "timesteps": np.concatenate([np.zeros(pad), np.minimum(np.arange(si, si + tlen), max_ep_len - 1)]),
         "attention_mask": np.concatenate([np.zeros(pad), np.ones(tlen)]),
     }
 
@@ -377,8 +375,7 @@ def test_window_batch_matches_naive_loop(k):
     for b, start in enumerate(starts):
         want = naive_window(data, int(start), k, traj.state_mean, traj.state_std, 10.0, 10)
         for key, value in want.items():
-            np.testing.assert_allclose(batch[key][b].numpy(), value, rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{key} start={start}")
+            np.testing.assert_allclose(batch[key][b].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=f"{key} start={start}")
 
 
 def test_padding_values_on_the_left():

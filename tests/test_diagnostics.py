@@ -39,9 +39,7 @@ S, A, K = 5, 2, 4
 
 
 def tiny_dt(seed: int = 0):
-    return build_decision_transformer(
-        "random", state_dim=S, act_dim=A, seed=seed, context_len=K, overrides=TINY, max_ep_len=50
-    )
+    return build_decision_transformer("random", state_dim=S, act_dim=A, seed=seed, context_len=K, overrides=TINY, max_ep_len=50)
 
 
 def dt_batch(b: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -142,6 +140,7 @@ def test_cka_both_estimators_from_one_set_of_products_match_plain_formulas(width
     kc, lc = h @ x @ x.T @ h, h @ y @ y.T @ h
     assert plug_in == pytest.approx(np.sum(kc * lc) / np.sqrt(np.sum(kc * kc) * np.sum(lc * lc)), rel=1e-7)
     k, l = x @ x.T, y @ y.T
+
     # The U-statistic over all 4-tuples of 30 rows is too slow in Python: use its closed form
     # (Song et al., eq. 5) on the raw Gram matrices, a route independent of the module's.
     def u(k, l):
@@ -149,6 +148,7 @@ def test_cka_both_estimators_from_one_set_of_products_match_plain_formulas(width
         n, one = len(k), np.ones(len(k))
         return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
                 - 2 / (n - 2) * one @ kt @ lt @ one) / (n * (n - 3))  # fmt: skip
+
     assert debiased == pytest.approx(u(k, l) / math.sqrt(u(k, k) * u(l, l)), rel=1e-7)
     assert (plug_in, debiased) == (pytest.approx(linear_cka(x, y), rel=1e-12),
                                    pytest.approx(linear_cka(x, y, debiased=True), rel=1e-12))  # fmt: skip
@@ -491,9 +491,9 @@ JOB_OPTIONS = {
 @pytest.fixture(scope="module")
 def trained_sweep(tmp_path_factory, data_cache):
     """Two trained trials written by the real TrialRunner, ledger and compaction (no Tune)."""
-    from dtsweep.sweepdir import Ledger, compact
     from dtsweep.spec import parse_spec
     from dtsweep.store import Store
+    from dtsweep.sweepdir import Ledger, compact
     from dtsweep.train.loop import TrialRunner
 
     spec = parse_spec({**JOB_SPEC, "storage": str(tmp_path_factory.mktemp("runs"))})

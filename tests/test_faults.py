@@ -23,9 +23,9 @@ import yaml
 
 from dtsweep.cli import main
 from dtsweep.orchestrate import run_sweep
-from dtsweep.sweepdir import epochs_done, latest_resume_checkpoints, sweep_status
 from dtsweep.spec import parse_spec
 from dtsweep.store import Store, load_checkpoint, sha256_file
+from dtsweep.sweepdir import epochs_done, latest_resume_checkpoints, sweep_status
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,10 @@ def ray_processes(ray_tmpdir: str) -> list[int]:
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if mark in (proc / "environ").read_bytes().split(b"\0") and "Z" != (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]:
+            if (
+                mark in (proc / "environ").read_bytes().split(b"\0")
+                and "Z" != (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            ):
                 pids.append(int(proc.name))
         except OSError:  # exited while we looked, or not ours to read
             continue
@@ -434,7 +437,9 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     truncate(root / "checkpoints.parquet")
     (root / "checkpoints" / b.trial_id / "index.parquet").unlink()
     # A lease left by a driver that died on another host: expired, so taken over.
-    (root / "lease.json").write_text(json.dumps({"run_id": "old", "host": "gone-host", "pid": 1, "renewed_at": 0, "expires_at": 1}))
+    (root / "lease.json").write_text(
+        json.dumps({"run_id": "old", "host": "gone-host", "pid": 1, "renewed_at": 0, "expires_at": 1})
+    )
 
     capsys.readouterr()
     assert main(["status", str(root)]) == 0
@@ -448,7 +453,10 @@ def test_damaged_sweep_status_then_run_repairs_it(finished_tiny, tmp_path, ray_t
     summary = run_sweep(spec, log=lines.append)
     text = "\n".join(lines)
     assert "taking over the lease of run old (host gone-host" in text
-    assert f"metrics/{a.trial_id}.parquet is unreadable (cut off or damaged): set aside as metrics/{a.trial_id}.parquet.corrupt-" in text
+    assert (
+        f"metrics/{a.trial_id}.parquet is unreadable (cut off or damaged): set aside as metrics/{a.trial_id}.parquet.corrupt-"
+        in text
+    )
     assert f"checkpoints/{b.trial_id}/index.parquet: rebuilt from its 2 checkpoint files" in text
     # A finished trial keeps no resume state (issue 16): its rows come back from metrics.parquet.
     assert f"restored from metrics.parquet ({a.epochs + 1} rows)" in text and "resuming" not in text

@@ -14,7 +14,11 @@ from dtsweep.spec import SpecError, parse_spec
 
 
 def test_ray_gpu_setting_is_parsed_and_checked():
-    raw = {"name": "g", "storage": "runs", "studies": [{"name": "s", "init": ["random"], "dataset": ["hopper-medium"], "seed": [0]}]}
+    raw = {
+        "name": "g",
+        "storage": "runs",
+        "studies": [{"name": "s", "init": ["random"], "dataset": ["hopper-medium"], "seed": [0]}],
+    }
     assert parse_spec(raw).ray.gpu == "auto"
     # YAML reads a bare `on` / `off` as a boolean.
     assert parse_spec({**raw, "ray": yaml.safe_load("{gpu: on}")}).ray.gpu == "on"

@@ -29,10 +29,10 @@ from dtsweep.models import (
     backbone_config_dict,
     backbone_depth,
     backbone_width,
+    backbones,
     build_backbone,
     build_decision_transformer,
 )
-from dtsweep.models import backbones
 
 torch.set_num_threads(1)
 
@@ -153,8 +153,15 @@ def test_imagegpt_weights_land_in_gpt2_blocks(igpt_dir):
     assert (backbone.config.n_layer, backbone.config.n_head) == (2, 2)
     src = source.state_dict()
     for i in range(2):
-        for name in ("ln_1.weight", "ln_2.weight", "attn.c_attn.weight", "attn.c_attn.bias",
-                     "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.bias"):
+        for name in (
+            "ln_1.weight",
+            "ln_2.weight",
+            "attn.c_attn.weight",
+            "attn.c_attn.bias",
+            "attn.c_proj.weight",
+            "mlp.c_fc.weight",
+            "mlp.c_proj.bias",
+        ):
             assert torch.equal(backbone.state_dict()[f"h.{i}.{name}"], src[f"h.{i}.{name}"])
         assert torch.count_nonzero(backbone.h[i].ln_1.bias) == 0
         assert torch.count_nonzero(backbone.h[i].ln_2.bias) == 0
@@ -287,8 +294,7 @@ def test_activation_modules_cover_nine_activations_per_block():
     assert list(modules)[-1] == "h.1.mlp.dropout"
     assert len({id(m) for m in modules.values()}) == 18
     seen = {}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape))
-               for n, m in modules.items()]
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape)) for n, m in modules.items()]
     dt(**batch())
     for h in handles:
         h.remove()
@@ -334,12 +340,10 @@ def test_invalid_swaps_are_rejected(gpt2_dir):
     with pytest.raises(InitError, match="needs a random init"):
         build_backbone(str(gpt2_dir), seed=0, swap_block=0, swap_from=str(gpt2_dir))
     with pytest.raises(InitError, match="architectures differ"):
-        build_backbone("random", seed=0, overrides={**TINY, "n_embd": 48}, swap_block=0,
-                       swap_from=str(gpt2_dir))
+        build_backbone("random", seed=0, overrides={**TINY, "n_embd": 48}, swap_block=0, swap_from=str(gpt2_dir))
     # Same tensor shapes, different function (1 head, ReLU): refused too.
     with pytest.raises(InitError, match="n_head"):
-        build_backbone("random-ref", seed=0, overrides={"n_layer": 2, "n_embd": 32}, swap_block=0,
-                       swap_from=str(gpt2_dir))
+        build_backbone("random-ref", seed=0, overrides={"n_layer": 2, "n_embd": 32}, swap_block=0, swap_from=str(gpt2_dir))
 
 
 def test_building_is_seeded_and_leaves_the_global_rng_alone(gpt2_dir):
@@ -361,8 +365,7 @@ def test_building_is_seeded_and_leaves_the_global_rng_alone(gpt2_dir):
 
 @pytest.mark.parametrize("init", ["random", "igpt"])
 def test_config_dict_rebuilds_the_architecture(init, igpt_dir):
-    dt = tiny_dt(init if init == "random" else str(igpt_dir), timestep_embedding="before_ln",
-                 max_ep_len=50)
+    dt = tiny_dt(init if init == "random" else str(igpt_dir), timestep_embedding="before_ln", max_ep_len=50)
     d = json.loads(json.dumps(backbone_config_dict(dt)))
     rebuilt = DecisionTransformer.from_config_dict(d, S, A).eval()
     rebuilt.load_state_dict(dt.state_dict(), strict=True)

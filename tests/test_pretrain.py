@@ -17,11 +17,11 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from dtsweep.assets import asset_path, list_assets
 from dtsweep.pretrain import (
     ImageConfig,
+    LanguageConfig,
     add_arguments,
     image,
-    language,
-    LanguageConfig,
     image_tokens,
+    language,
     load_fashion_mnist,
     load_model_dir,
     mean_token_loss,
@@ -47,8 +47,8 @@ ENGLISH = (
     "the council voted to approve the plan, but members agreed to review the spending again next "
     "year. Officials said the first phase of construction is expected to begin in the spring, and "
     "the work should be finished before the end of the year. The president of the local teachers' "
-    "union told reporters that the money was long overdue. \"Our students have waited too long for "
-    "safe buildings,\" she said. Police said traffic would be diverted during the work."
+    'union told reporters that the money was long overdue. "Our students have waited too long for '
+    'safe buildings," she said. Police said traffic would be diverted during the work.'
 )
 HARD_TEXT = "Naïve café déjà vu — 東京 🚀 3.14159 $1,000,000 don't  tabs\tand\nnewlines <b>HTML</b> Zyzzyva"
 

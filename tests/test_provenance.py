@@ -34,10 +34,10 @@ from dtsweep.data import (
 from dtsweep.models import ASSET_INITS, init_family, init_source
 from dtsweep.models.backbones import ASSETS_DIR
 from dtsweep.orchestrate import run_sweep
-from dtsweep.sweepdir import sweep_status
-from dtsweep.spec import SpecError, parse_spec
 from dtsweep.schemas import PROVENANCE_COLUMNS, TRIALS_SCHEMA
+from dtsweep.spec import SpecError, parse_spec
 from dtsweep.store import Store, read_checkpoint_metadata, table_from_rows
+from dtsweep.sweepdir import sweep_status
 from dtsweep.train import TrialRunner
 
 torch.set_num_threads(1)
@@ -327,5 +327,11 @@ def test_init_family_reads_config_and_card_not_name(tmp_path):
     assert init_family(str(tmp_path / "my-lm")) == "igpt-mini"
     for name in ASSET_INITS:
         assert (init_family(name), init_source(name)) == (name, f"shipped:{name}")
-    assert [init_family(i) for i in ("random", "random-ref", "gpt2", "igpt", "clip")] == ["random", "random-ref", "gpt2", "igpt", "clip"]
+    assert [init_family(i) for i in ("random", "random-ref", "gpt2", "igpt", "clip")] == [
+        "random",
+        "random-ref",
+        "gpt2",
+        "igpt",
+        "clip",
+    ]
     assert init_source("gpt2") == "hf:gpt2" and init_source("random") == "none"

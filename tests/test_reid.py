@@ -30,10 +30,10 @@ from dtsweep.models import (
     NoPositionEmbedding,
     backbone_depth,
     backbone_width,
+    backbones,
     build_backbone,
     build_decision_transformer,
 )
-from dtsweep.models import backbones
 from dtsweep.spec import Aux, KMeansCosine, LMCotrain, SpecError, Trial, load_spec, parse_spec
 
 torch.set_num_threads(1)

@@ -425,7 +425,9 @@ def test_report_on_a_file_uri_and_a_local_copy(tmp_path, capsys):
     assert main(["report", uri, "--out", str(copy)]) == 0
     assert capsys.readouterr().out.strip() == str(copy / "index.md")
     assert (copy / "figures" / "return_curves.png").exists() and (copy / "tables" / "findings.csv").exists()
-    assert (copy / "index.md").read_text().split("## Scores")[1] == (root / "report" / "index.md").read_text().split("## Scores")[1]
+    assert (copy / "index.md").read_text().split("## Scores")[1] == (root / "report" / "index.md").read_text().split("## Scores")[
+        1
+    ]
 
 
 def test_papers_random_rows_sit_beside_random_ref_when_it_ran(tmp_path):

@@ -13,9 +13,9 @@ import yaml
 
 from dtsweep.models import DecisionTransformer
 from dtsweep.orchestrate import run_sweep
-from dtsweep.sweepdir import sweep_status
 from dtsweep.spec import parse_spec
 from dtsweep.store import Store, load_checkpoint, read_checkpoint_metadata, sha256_file
+from dtsweep.sweepdir import sweep_status
 
 TINY = {
     "name": "tiny",
@@ -74,7 +74,7 @@ def test_sweep_writes_every_output(finished_sweep):
     row = ck.iloc[0]
     assert row.path.startswith("checkpoints/")  # relative: the sweep directory can move
     assert sha256_file(Store(d).resolve_rel(row.path)) == row.sha256
-    assert (open(f"{d}/sweep.yaml").read().startswith("name: tiny"))
+    assert open(f"{d}/sweep.yaml").read().startswith("name: tiny")
 
 
 def test_checkpoint_rebuilds_the_model_offline(finished_sweep):

@@ -170,8 +170,10 @@ def test_whole_workflow_on_s3(s3_endpoint, tmp_path, data_cache, ray_tmpdir, cap
         driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(
-            lambda: driver.poll() is not None
-            or (epochs_done(store, short.trial_id) >= short.epochs and checkpointed_epoch(store, long.trial_id) >= 1),
+            lambda: (
+                driver.poll() is not None
+                or (epochs_done(store, short.trial_id) >= short.epochs and checkpointed_epoch(store, long.trial_id) >= 1)
+            ),
             400,
             "the short trial to finish and the long one to checkpoint an epoch on S3",
             poll_s=1,

@@ -160,7 +160,7 @@ def test_scale_benchmark_writes_every_figure(tmp_path, data_cache):
     res = json.loads(out.read_text())
     assert {"overhead_growth", "substitution", "machine", "results"} <= set(res)
     assert set(res["results"]) == {"6", "12"} and set(res["finished_sweeps"]) == {"30"}
-    for n, row in res["results"].items():
+    for _n, row in res["results"].items():
         assert {"per_trial_overhead_s", "first_trial_s", "ledger_bytes_written", "rerun_s", "status_s"} <= set(row)
         assert row["all_finished"] and row["resume_states_left"] == 0 and row["ledger_records_left"] == 0
         assert row["ledger_bytes_written"] > 0

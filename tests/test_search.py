@@ -268,7 +268,9 @@ def test_sampled_parameters_are_those_of_the_seeded_sampler(resumed_search):
     for p, (_, row) in zip(params, after.iterrows()):
         v = setting_values(cfg.parameters, p)
         assert row["train.lr"] == v["train.lr"]
-        assert (pd.isna(row["train.grad_clip"]) and v["train.grad_clip"] == "off") or row["train.grad_clip"] == v["train.grad_clip"]
+        assert (pd.isna(row["train.grad_clip"]) and v["train.grad_clip"] == "off") or row["train.grad_clip"] == v[
+            "train.grad_clip"
+        ]
 
 
 def test_samples_write_the_grid_outputs_and_their_objective(resumed_search):

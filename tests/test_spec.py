@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "name": "t",
     "storage": "runs",
-    "studies": [{"name": "a", "init": ["random", "random-ref"], "dataset": ["hopper-random", "walker2d-random"], "seed": [0, 1, 2]}],
+    "studies": [
+        {"name": "a", "init": ["random", "random-ref"], "dataset": ["hopper-random", "walker2d-random"], "seed": [0, 1, 2]}
+    ],
 }
 
 
@@ -27,7 +29,9 @@ def spec_with(**study_changes):
 
 def test_grid_is_cartesian_product_per_study_and_union_across_studies():
     raw = spec_with(context_len=[1, 20])
-    raw["studies"].append({"name": "b", "init": "random", "env": ["hopper"], "quality": "random", "seed": {"start": 5, "count": 2}})
+    raw["studies"].append(
+        {"name": "b", "init": "random", "env": ["hopper"], "quality": "random", "seed": {"start": 5, "count": 2}}
+    )
     trials = parse_spec(raw).trials()
     a = [t for t in trials if t.study == "a"]
     b = [t for t in trials if t.study == "b"]

@@ -195,9 +195,7 @@ def test_power_at_10_seeds_and_an_effect_of_1_5_sd():
 
 def test_three_null_parts_give_a_finding_verdict_at_most_alpha_of_the_time():
     rng = np.random.default_rng(30)
-    verdicts = [
-        combine([compare(rng.normal(size=5), rng.normal(size=5)) for _part in range(3)])[0] for _ in range(N_NULL)
-    ]
+    verdicts = [combine([compare(rng.normal(size=5), rng.normal(size=5)) for _part in range(3)])[0] for _ in range(N_NULL)]
     assert np.mean([v != "inconclusive" for v in verdicts]) <= NULL_BOUND
 
 
@@ -243,7 +241,7 @@ def test_single_env_is_welchs_t_test():
 
 def test_stratified_effect_and_ci_agree_with_the_verdict():
     rng = np.random.default_rng(70)
-    for i in range(300):
+    for _i in range(300):
         shift = rng.normal(0.0, 1.5)
         t = {"hopper": rng.normal(shift, 1.0, 5), "walker2d": rng.normal(shift, 3.0, 7), "ant": [1.0]}
         c = {"hopper": rng.normal(0.0, 1.0, 6), "walker2d": rng.normal(0.0, 3.0, 5)}

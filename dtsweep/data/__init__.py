@@ -1,20 +1,20 @@
 """Offline RL data: D4RL's HDF5 layout, dataset resolution/generation, trajectory windows.
 
-    arrays = load_dataset("hopper-medium")             # or a path, "hopper-medium-v2", "minari:..."
-    source = resolve_source("hopper-medium")          # the file, its sha256, origin, eval env
-    traj = split_trajectories(arrays)                  # flat steps + episodes + returns-to-go
-    sampler = WindowSampler(traj, context_len=20, batch_size=64, seed=0)
-    batch = sampler.sample()                           # dict of [B, K, ...] tensors
+arrays = load_dataset("hopper-medium")             # or a path, "hopper-medium-v2", "minari:..."
+source = resolve_source("hopper-medium")          # the file, its sha256, origin, eval env
+traj = split_trajectories(arrays)                  # flat steps + episodes + returns-to-go
+sampler = WindowSampler(traj, context_len=20, batch_size=64, seed=0)
+batch = sampler.sample()                           # dict of [B, K, ...] tensors
 """
 
 from dtsweep.data.d4rl import (
     CARD_ATTR,
     D4RL_KEYS,
     DEFAULT_STEPS,
+    ORIGINS,
     DatasetError,
     DatasetNotFoundError,
     DatasetSource,
-    ORIGINS,
     check_d4rl_file,
     d4rl_dir,
     d4rl_file_name,

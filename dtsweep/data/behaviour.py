@@ -60,12 +60,10 @@ class NumpyPolicy:
         n_trunk = sum(1 for k in weights if k.startswith("trunk.") and k.endswith(".weight"))
         # Stored as float16 to keep the package small; computing in float32 is exact for them.
         self.layers = [
-            (weights[f"trunk.{2 * i}.weight"].astype(np.float32).T,
-             weights[f"trunk.{2 * i}.bias"].astype(np.float32))
+            (weights[f"trunk.{2 * i}.weight"].astype(np.float32).T, weights[f"trunk.{2 * i}.bias"].astype(np.float32))
             for i in range(n_trunk)
         ]
-        self.head = (weights["head.weight"].astype(np.float32).T,
-                     weights["head.bias"].astype(np.float32))
+        self.head = (weights["head.weight"].astype(np.float32).T, weights["head.bias"].astype(np.float32))
         self.obs_dim = self.layers[0][0].shape[0]
         self.act_dim = self.head[0].shape[1] // 2
 
@@ -90,15 +88,13 @@ def load_behaviour_policy(env: str, asset_dir: str | Path | None = None) -> Nump
     path = folder / "actor.safetensors"
     if not path.exists():
         raise FileNotFoundError(
-            f"no behaviour actor at {path}; train one with "
-            f"`dtsweep pretrain behaviour {env} --out-dir {folder}`"
+            f"no behaviour actor at {path}; train one with `dtsweep pretrain behaviour {env} --out-dir {folder}`"
         )
     policy = NumpyPolicy(load_numpy_file(str(path)))
     info = ENVS[env]
     if (policy.obs_dim, policy.act_dim) != (info.obs_dim, info.act_dim):
         raise ValueError(
-            f"actor at {path} maps {policy.obs_dim} -> {policy.act_dim}, "
-            f"but {env} has obs {info.obs_dim}, actions {info.act_dim}"
+            f"actor at {path} maps {policy.obs_dim} -> {policy.act_dim}, but {env} has obs {info.obs_dim}, actions {info.act_dim}"
         )
     return policy
 
@@ -109,9 +105,7 @@ def load_behaviour_card(env: str, asset_dir: str | Path | None = None) -> dict:
     return json.loads((folder / "card.json").read_text())
 
 
-def evaluate_policy(
-    env: str, policy, episodes: int, seed: int
-) -> np.ndarray:
+def evaluate_policy(env: str, policy, episodes: int, seed: int) -> np.ndarray:
     """Undiscounted returns [episodes] of `policy` (stochastic, noise from a `seed` rng).
 
     The episodes run side by side (one batched policy call per step); episode i resets its
@@ -147,7 +141,11 @@ def single_threaded_blas():
 
 
 def make_medium_dataset(
-    env: str, steps: int, seed: int, out_path, num_envs: int = 8,
+    env: str,
+    steps: int,
+    seed: int,
+    out_path,
+    num_envs: int = 8,
     asset_dir: str | Path | None = None,
 ) -> dict:
     """D4RL's `medium` dataset for `env`: the shipped behaviour actor, rolled out stochastically.

@@ -101,9 +101,7 @@ def write_d4rl_hdf5(path, arrays: dict[str, np.ndarray], attrs: dict | None = No
     n = len(arrays["observations"])
     for key in D4RL_KEYS:
         if key in arrays and len(arrays[key]) != n:
-            raise ValueError(
-                f"cannot write {path}: {key} has {len(arrays[key])} rows, expected {n}"
-            )
+            raise ValueError(f"cannot write {path}: {key} has {len(arrays[key])} rows, expected {n}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -134,9 +132,7 @@ def read_d4rl_hdf5(path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         missing = [k for k in REQUIRED_KEYS if k not in f]
         if missing:
-            raise KeyError(
-                f"{path} is not a D4RL dataset: missing {missing} (has {sorted(f.keys())})"
-            )
+            raise KeyError(f"{path} is not a D4RL dataset: missing {missing} (has {sorted(f.keys())})")
         out = {k: np.asarray(f[k][()], dtype=D4RL_DTYPES[k]) for k in D4RL_KEYS if k in f}
     n = len(out["observations"])
     for key in ("rewards", "terminals", "timeouts"):
@@ -211,15 +207,10 @@ def make_dataset(name: str, *, steps: int, seed: int, out_path) -> dict:
     """
     env, quality, version = parse_dataset(name)
     if version is not None:
-        raise ValueError(
-            f"{name!r} names a D4RL release; generated datasets are unversioned "
-            f"(use {env}-{quality})"
-        )
+        raise ValueError(f"{name!r} names a D4RL release; generated datasets are unversioned (use {env}-{quality})")
     fn = _generator(quality)
     if fn is None:
-        raise DatasetNotFoundError(
-            f"no generator for {quality!r} datasets (have: {sorted(_GENERATORS)})"
-        )
+        raise DatasetNotFoundError(f"no generator for {quality!r} datasets (have: {sorted(_GENERATORS)})")
     return fn(env, int(steps), int(seed), pathlib.Path(out_path))
 
 
@@ -258,7 +249,7 @@ def offline() -> bool:
 
 
 def dataset_kind(name: str) -> str:
-    """"minari" (`minari:<id>`), "file" (has a `/` or ends in .hdf5/.h5) or "name"."""
+    """ "minari" (`minari:<id>`), "file" (has a `/` or ends in .hdf5/.h5) or "name"."""
     if name.startswith("minari:"):
         return "minari"
     if "/" in name or os.sep in name or name.startswith("~") or name.endswith((".hdf5", ".h5")):
@@ -303,9 +294,7 @@ def resolve_dataset(
         out = dtsweep_dir() / generated_file_name(name, steps, seed)
         if out.is_file():
             return out
-        make_cmd = (
-            f"dtsweep data make {name} --steps {steps} --seed {seed} --out {out}"
-        )
+        make_cmd = f"dtsweep data make {name} --steps {steps} --seed {seed} --out {out}"
         if quality not in _GENERATORS:
             raise DatasetNotFoundError(
                 f"dataset {name!r}: no offline generator for {quality!r} (have "
@@ -457,8 +446,7 @@ def dataset_env(name: str, env: str | None = None) -> str:
     info = ENVS[found]
     if (obs_dim, act_dim) != (info.obs_dim, info.act_dim):
         raise DatasetError(
-            f"{what}: observation/action sizes {obs_dim}/{act_dim} do not match {found} "
-            f"({info.obs_dim}/{info.act_dim})"
+            f"{what}: observation/action sizes {obs_dim}/{act_dim} do not match {found} ({info.obs_dim}/{info.act_dim})"
         )
     return found
 
@@ -562,9 +550,7 @@ def _fetch_d4rl(name: str, dest: pathlib.Path) -> pathlib.Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(
-            url, timeout=DOWNLOAD_TIMEOUT_S
-        ) as response:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             shutil.copyfileobj(response, f, length=1 << 20)
         os.replace(tmp, dest)
     except BaseException:

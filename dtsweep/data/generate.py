@@ -110,9 +110,7 @@ def rollout_dataset(
     return {k: np.stack(v)[time_idx, env_idx] for k, v in record.items()}
 
 
-def dataset_card(
-    env: str, quality: str, arrays: dict[str, np.ndarray], *, seed: int, generator: str, **extra
-) -> dict:
+def dataset_card(env: str, quality: str, arrays: dict[str, np.ndarray], *, seed: int, generator: str, **extra) -> dict:
     """The JSON-able description of a generated dataset (stored in its file, see CARD_ATTR).
 
     Return statistics cover the complete episodes only (not a trailing unfinished one).

@@ -80,9 +80,7 @@ class Trajectories:
         return (self.episode_starts + self.episode_lengths)[self.episode_ids]
 
 
-def returns_to_go(
-    rewards: np.ndarray, episode_starts: np.ndarray, episode_lengths: np.ndarray
-) -> np.ndarray:
+def returns_to_go(rewards: np.ndarray, episode_starts: np.ndarray, episode_lengths: np.ndarray) -> np.ndarray:
     """Undiscounted return-to-go [N] float32: rtg[t] = sum of rewards[t:end of t's episode].
 
     One cumulative sum over the whole array in float64: rtg[t] = C[end - 1] - C[t - 1] where C
@@ -198,9 +196,7 @@ class WindowSampler:
 
     def batch(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch for given window starts [B]; see `window_batch` for the tensors."""
-        return window_batch(
-            self.traj, starts, self.context_len, rtg_scale=self.rtg_scale, device=self.device
-        )
+        return window_batch(self.traj, starts, self.context_len, rtg_scale=self.rtg_scale, device=self.device)
 
     def sample(self) -> dict[str, torch.Tensor]:
         """The next random batch of `batch_size` windows."""

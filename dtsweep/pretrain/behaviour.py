@@ -42,6 +42,7 @@ from dtsweep.data.behaviour import (
 )
 from dtsweep.envs import ENVS, normalized_score
 
+
 @dataclass
 class SACConfig:
     # Half the width and batch of D4RL's SAC (256, 256 / 256): a third of the compute per
@@ -72,13 +73,11 @@ class SACConfig:
     band_margin: float = 0.2
 
 
-
 def mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     return nn.Sequential(*layers)
-
 
 
 class Actor(nn.Module):
@@ -102,7 +101,6 @@ class Actor(nn.Module):
         return action, log_prob.sum(-1)
 
 
-
 class VectorizedLinear(nn.Module):
     """`n` independent linear layers applied in one batched matmul: [n, B, in] -> [n, B, out]."""
 
@@ -117,7 +115,6 @@ class VectorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
-
 
 
 class TwinCritic(nn.Module):
@@ -137,11 +134,9 @@ class TwinCritic(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-
 def export_actor(actor: Actor) -> dict[str, np.ndarray]:
     """The actor's weights as float16 numpy arrays: exactly what gets saved and evaluated."""
     return {k: v.detach().cpu().numpy().astype(np.float16) for k, v in actor.state_dict().items()}
-
 
 
 class ReplayBuffer:
@@ -168,9 +163,7 @@ class ReplayBuffer:
 
     def sample(self, batch: int) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.n, (batch,), generator=self.gen)
-        return (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx],
-                self.terminated[idx])
-
+        return (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx])
 
 
 class SAC:
@@ -219,17 +212,17 @@ class SAC:
         self.alpha_opt.step()
 
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.target_critic.parameters()),
-                                 list(self.critic.parameters()), self.cfg.tau)
-        return {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(),
-                "alpha": alpha.item(), "entropy": -log_prob.mean().item()}
-
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), self.cfg.tau)
+        return {
+            "critic_loss": critic_loss.item(),
+            "actor_loss": actor_loss.item(),
+            "alpha": alpha.item(),
+            "entropy": -log_prob.mean().item(),
+        }
 
 
 def _versions() -> dict[str, str]:
-    return {"gymnasium": gym.__version__, "mujoco": mujoco.__version__, "torch": torch.__version__,
-            "numpy": np.__version__}
-
+    return {"gymnasium": gym.__version__, "mujoco": mujoco.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
 def save_behaviour(out_dir: str | Path, weights: dict[str, np.ndarray], card: dict) -> None:
@@ -239,7 +232,6 @@ def save_behaviour(out_dir: str | Path, weights: dict[str, np.ndarray], card: di
     save_numpy_file(weights, str(out / "actor.safetensors"), metadata={"env": card["env"]})
     (out / "actor.safetensors").chmod(0o644)  # safetensors writes 0600; it ships in the package
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-
 
 
 def train_behaviour(
@@ -306,8 +298,7 @@ def train_behaviour(
             "dtype": "float16",
             "versions": _versions(),
             "config": asdict(cfg),
-            "command": command or (f"train_behaviour({env!r}, seed={seed}, "
-                                   f"target_band={(lo, hi)}, max_steps={cfg.max_steps})"),
+            "command": command or (f"train_behaviour({env!r}, seed={seed}, target_band={(lo, hi)}, max_steps={cfg.max_steps})"),
         }
 
     start = time.time()
@@ -341,15 +332,19 @@ def train_behaviour(
         returns = evaluate_policy(env, policy, cfg.eval_episodes, seed=eval_seed)
         score = normalized_score(env, returns.mean())
         recent = np.mean(episode_returns[-10:]) if episode_returns else float("nan")
-        log(f"[{env}] step {step} {time.time() - start:.0f}s train_return {recent:.0f} "
+        log(
+            f"[{env}] step {step} {time.time() - start:.0f}s train_return {recent:.0f} "
             f"eval_return {returns.mean():.0f}+-{returns.std():.0f} score {score:.1f} "
-            + " ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+            + " ".join(f"{k} {v:.3g}" for k, v in stats.items())
+        )
         if stop_lo <= score <= stop_hi:
             eval_seed = 20_000 + step
             returns = evaluate_policy(env, policy, cfg.confirm_episodes, seed=eval_seed)
             score = normalized_score(env, returns.mean())
-            log(f"[{env}] step {step} confirm over {cfg.confirm_episodes} episodes: "
-                f"return {returns.mean():.0f}+-{returns.std():.0f} score {score:.1f}")
+            log(
+                f"[{env}] step {step} confirm over {cfg.confirm_episodes} episodes: "
+                f"return {returns.mean():.0f}+-{returns.std():.0f} score {score:.1f}"
+            )
         distance = max(stop_lo - score, score - stop_hi, 0.0)
         if distance < best_distance:
             best_distance, weights = distance, step_weights
@@ -361,12 +356,15 @@ def train_behaviour(
             break
 
     if card is None:
-        raise ValueError(f"max_steps={cfg.max_steps} ended before the first evaluation "
-                         f"(start_steps={cfg.start_steps}, eval_every={cfg.eval_every})")
-    log(f"[{env}] saved actor of step {card['training_steps']}: score "
-        f"{card['eval']['normalized_score']:.1f}, in band {card['in_band']}")
+        raise ValueError(
+            f"max_steps={cfg.max_steps} ended before the first evaluation "
+            f"(start_steps={cfg.start_steps}, eval_every={cfg.eval_every})"
+        )
+    log(
+        f"[{env}] saved actor of step {card['training_steps']}: score "
+        f"{card['eval']['normalized_score']:.1f}, in band {card['in_band']}"
+    )
     return card
-
 
 
 # The settings the shipped actors were trained with; their cards hold the exact commands and
@@ -406,7 +404,9 @@ def run(args: argparse.Namespace) -> int:
             for k in ("seed", "hidden", "batch_size", "update_every", "eval_every")}  # fmt: skip
     torch.set_num_threads(args.threads)
     out_dir = args.out_dir or behaviour_asset_dir(args.env)
-    command = shlex.join(["dtsweep", *sys.argv[1:]]) if sys.argv[1:2] == ["pretrain"] else f"dtsweep pretrain behaviour {args.env}"
+    command = (
+        shlex.join(["dtsweep", *sys.argv[1:]]) if sys.argv[1:2] == ["pretrain"] else f"dtsweep pretrain behaviour {args.env}"
+    )
     config = SACConfig(hidden=tuple(opts["hidden"]), batch_size=opts["batch_size"],
                        update_every=opts["update_every"], eval_every=opts["eval_every"])  # fmt: skip
     card = train_behaviour(args.env, seed=opts["seed"], max_steps=args.max_steps, out_dir=out_dir,

@@ -305,9 +305,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, choices: dict | 
     for f in dataclasses.fields(defaults):
         value = getattr(defaults, f.name)
         extra = {"choices": choices[f.name]} if choices and f.name in choices else {}
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(value), default=value, help=f"default: {value}", **extra
-        )
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value, help=f"default: {value}", **extra)
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -54,9 +54,7 @@ def load_fashion_mnist(split: str, data_dir: str | Path = FASHION_MNIST_DIR) -> 
     data_dir = Path(data_dir)
     images_path = data_dir / f"{prefix}-images-idx3-ubyte.gz"
     if not images_path.exists():
-        raise FileNotFoundError(
-            f"{images_path} not found: install Fashion-MNIST with `apt-get install dataset-fashion-mnist`"
-        )
+        raise FileNotFoundError(f"{images_path} not found: install Fashion-MNIST with `apt-get install dataset-fashion-mnist`")
     return _read_idx(images_path), _read_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz")
 
 
@@ -126,9 +124,7 @@ def pretrain_image(out_dir: str | Path, cfg: ImageConfig | None = None, log=comm
     test = _with_start(quantise(test_images, palette), start_id)
     log(f"palette: {np.round(palette, 1).tolist()}; {len(train):,} training images of {SIDE * SIDE} pixels")
 
-    model = common.gpt2_model(
-        cfg, vocab_size=cfg.n_colors + 1, n_positions=SIDE * SIDE + 1, bos=start_id, eos=None
-    )
+    model = common.gpt2_model(cfg, vocab_size=cfg.n_colors + 1, n_positions=SIDE * SIDE + 1, bos=start_id, eos=None)
 
     def sample_batch(rng: np.random.Generator) -> torch.Tensor:
         return train[rng.integers(0, len(train), size=cfg.batch_size)]
@@ -137,8 +133,7 @@ def pretrain_image(out_dir: str | Path, cfg: ImageConfig | None = None, log=comm
 
     common.save_model_dir(model, out_dir)
     (out_dir / PALETTE_FILE).write_text(
-        json.dumps({"palette": palette.tolist(), "start_token": start_id, "order": "raster, row-major"}, indent=2)
-        + "\n"
+        json.dumps({"palette": palette.tolist(), "start_token": start_id, "order": "raster, row-major"}, indent=2) + "\n"
     )
 
     # Score the saved (float16-rounded) weights on the first test images.
@@ -146,9 +141,7 @@ def pretrain_image(out_dir: str | Path, cfg: ImageConfig | None = None, log=comm
     held = test[: cfg.eval_sequences]
     evaluation = {
         "heldout_loss": common.mean_token_loss(shipped, held),
-        "unigram_loss": common.unigram_loss(
-            np.bincount(train[:, 1:].numpy().ravel(), minlength=cfg.n_colors), held[:, 1:]
-        ),
+        "unigram_loss": common.unigram_loss(np.bincount(train[:, 1:].numpy().ravel(), minlength=cfg.n_colors), held[:, 1:]),
         "shuffled_loss": common.mean_token_loss(shipped, common.shuffle_within_rows(held, cfg.seed, keep_first=True)),
         "heldout_targets": int(held[:, 1:].size),
         "heldout_description": f"the first {len(held)} Fashion-MNIST test images, every pixel",
@@ -191,8 +184,7 @@ def pretrain_image(out_dir: str | Path, cfg: ImageConfig | None = None, log=comm
         "command": common.command_line("image", out_dir, cfg),
         "environment": common.environment(),
         "notes": [
-            "Losses are nats per pixel token; the unigram baseline predicts every pixel from the "
-            "training palette frequencies.",
+            "Losses are nats per pixel token; the unigram baseline predicts every pixel from the training palette frequencies.",
             "Unlike ImageGPT, the LayerNorms are GPT-2's (with bias and mean subtraction), so the "
             "weights load into GPT-2 blocks unchanged.",
         ],

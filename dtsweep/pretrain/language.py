@@ -85,9 +85,7 @@ def gpt2_encoding(ranks: dict[bytes, int] | None = None):
     import tiktoken
 
     ranks = ranks if ranks is not None else gpt2_ranks()
-    return tiktoken.Encoding(
-        "gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: GPT2_EOT_ID}
-    )
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: GPT2_EOT_ID})
 
 
 def _repair_news_text(text: str) -> str:
@@ -141,8 +139,7 @@ def wikitext103() -> tuple[list[str], list[str], dict]:
         import datasets
     except ImportError as err:
         raise RuntimeError(
-            "--corpus wikitext-103 needs the `datasets` package and internet access; "
-            "the offline corpus is --corpus news"
+            "--corpus wikitext-103 needs the `datasets` package and internet access; the offline corpus is --corpus news"
         ) from err
     data = datasets.load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1")
 
@@ -294,8 +291,7 @@ def pretrain_language(out_dir: str | Path, cfg: LanguageConfig | None = None, lo
         "unigram_loss": common.unigram_loss(np.bincount(train, minlength=len(gpt2_ids)), blocks[:, 1:]),
         "shuffled_loss": common.mean_token_loss(shipped, common.shuffle_within_rows(blocks, cfg.seed)),
         "heldout_targets": int(blocks[:, 1:].size),
-        "heldout_description": f"the first {len(blocks)} sequences of {cfg.block_size} tokens "
-        "of the held-out documents",
+        "heldout_description": f"the first {len(blocks)} sequences of {cfg.block_size} tokens of the held-out documents",
     }
     # Bits per byte of text do not depend on the vocabulary, so runs with different trimming
     # (or GPT-2's full vocabulary) compare; <|endoftext|> counts as one byte.
@@ -355,4 +351,3 @@ def main(args: argparse.Namespace) -> int:
     card = pretrain_language(args.out, cfg)
     print(json.dumps(card["evaluation"], indent=2))
     return 0
-

@@ -43,7 +43,7 @@ METHOD = (
     "(mean of the middle 50% of seeds). **Comparisons** set inits by what they are, not by name: language "
     "(gpt2, chibit, clip), image (igpt, igpt-mini) or none (random, random-ref), read from each trial's "
     "`init_family`; only two conditions that differ in nothing but the init are compared, each such pair on "
-    "its own, and the small inits trained offline (chibit, igpt-mini) are decided apart as \"mini scale\". An "
+    'its own, and the small inits trained offline (chibit, igpt-mini) are decided apart as "mini scale". An '
     "effect is mean(treatment) - mean(control), averaged over the datasets both ran; it is tested with Welch's "
     "t-test stratified by dataset (`stats.compare`), and its CI is that test's 95% interval. **Verdict rule:** "
     f"with fewer than {MIN_SEEDS} seeds in a group, inconclusive; otherwise supported when p < 0.05 with the "
@@ -166,10 +166,9 @@ def write_report(sweep_dir: str | Path | Sweep, n_boot: int = 2000, seed: int = 
                 doc.heading(3, f"{title} ({random_rows})")
                 doc.table(table)
         doc.paragraph(
-            "Paper values are transcribed from Takagi (NeurIPS 2022), Tables 1-2; \"±\" as printed (the paper "
+            'Paper values are transcribed from Takagi (NeurIPS 2022), Tables 1-2; "±" as printed (the paper '
             "ran one seed and does not define it). Sweep cells are mean [95% CI] over seeds, one row per sweep "
-            "condition of the paper row's init family (a local model directory counts by its family). "
-            + T.random_note(scores)
+            "condition of the paper row's init family (a local model directory counts by its family). " + T.random_note(scores)
         )
     else:
         missing.append("tables `final_scores`, `best_epoch_scores`, `takagi_table1/2`: no finished trial with metrics")

@@ -333,7 +333,9 @@ def search_objective(search: pd.DataFrame) -> tuple[Figure, str]:
             x = g["train.grad_clip"].fillna(off_x).to_numpy(float)
             ax.scatter(x, g["objective"], color=colors[init], s=18, alpha=0.75, label=f"{init} (n={len(g)})")
             best = g["objective"].idxmax() if g["direction"].iloc[0] == "maximize" else g["objective"].idxmin()
-            ax.scatter([x[g.index.get_loc(best)]], [g.loc[best, "objective"]], color=colors[init], marker="*", s=160, edgecolor="k")
+            ax.scatter(
+                [x[g.index.get_loc(best)]], [g.loc[best, "objective"]], color=colors[init], marker="*", s=160, edgecolor="k"
+            )
         ax.axvline(GRAD_CLIP, color="k", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.minorticks_off()

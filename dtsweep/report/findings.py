@@ -78,7 +78,7 @@ class Finding:
 
     @property
     def verdict(self) -> str:
-        """"paper scale: supported; mini scale: inconclusive", or NO_DATA."""
+        """ "paper scale: supported; mini scale: inconclusive", or NO_DATA."""
         if not self.verdicts:
             return NO_DATA
         return "; ".join(f"{scale}: {v}" for scale, v in self.verdicts.items())
@@ -111,7 +111,7 @@ class _Comparer:
         sel = sel[sel["init_family"].map(MODALITY).notna()]
         out = []
         conds = sel.drop_duplicates("variant").set_index("variant")
-        for match, g in conds.groupby("match", sort=True):
+        for _match, g in conds.groupby("match", sort=True):
             a_side = g[g["init_family"].map(MODALITY) == treatment]
             b_side = g[g["init_family"].map(MODALITY) == control]
             for va, a in a_side.iterrows():
@@ -403,5 +403,3 @@ def fewest_seeds(f: Finding, scale: str) -> int | None:
     n = [min(c.decision.n_treatment, c.decision.n_control) for c in f.comparisons
          if c.primary and c.decision is not None and c.scale == scale]  # fmt: skip
     return min(n) if n else None
-
-

@@ -118,7 +118,7 @@ class Sweep:
         return self.root.rstrip("/").rsplit("/", 1)[-1]
 
     @classmethod
-    def load(cls, sweep_dir: str) -> "Sweep":
+    def load(cls, sweep_dir: str) -> Sweep:
         store = Store(str(sweep_dir))
         if not store.exists():
             raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
@@ -188,9 +188,7 @@ class Sweep:
         DIAGNOSTIC_COLUMNS), so a schema mismatch shows up in the report, not as a KeyError.
         """
         if kind not in self.diagnostics:
-            raise MissingData(
-                f"needs diagnostics kind '{kind}': run `dtsweep diagnose {self.root} --kinds {kind}`"
-            )
+            raise MissingData(f"needs diagnostics kind '{kind}': run `dtsweep diagnose {self.root} --kinds {kind}`")
         df = self.diagnostics[kind]
         needed = DIAGNOSTIC_COLUMNS[kind] + ["init", "env", "context_len", "swap_block", "seed"] + CONDITION_COLUMNS
         absent = [c for c in needed if c not in df.columns]

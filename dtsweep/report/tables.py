@@ -79,7 +79,7 @@ def score_table(scores: pd.DataFrame, value: str, n_boot: int, seed: int, extra:
     condition (a condition listed by two studies is one condition).
     """
     rows = []
-    for key, g in scores.groupby("config_key", sort=False):
+    for _key, g in scores.groupby("config_key", sort=False):
         first = g.iloc[0]
         row = {c: first[c] for c in CONDITION_TABLE_KEYS if c != "study"} | {c: first[c] for c in extra}
         row["study"] = ", ".join(sorted(g["study"].astype(str).unique()))

@@ -73,9 +73,7 @@ def anneal(step: int, steps: int = 5000) -> float:
 # --------------------------------------------------------------------------- k-means cosine loss
 
 
-def kmeans_cosine_loss(
-    embeddings: torch.Tensor, centers: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def kmeans_cosine_loss(embeddings: torch.Tensor, centers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reid's L_cos: minus the mean over tokens of the best cosine similarity to any centre.
 
     Args:

@@ -26,9 +26,9 @@ import importlib.metadata
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers.activations import NewGELUActivation
@@ -126,7 +126,9 @@ def open_trial_dataset(trial: Trial, given: DatasetSource | None = None) -> Data
             f"expected {expected} (the bytes the driver resolved); refusing to train on other data"
         )
     if source.env != trial.env:
-        raise DatasetError(f"trial {trial.trial_id}: dataset {trial.dataset!r} is a {source.env} dataset, trial env is {trial.env}")
+        raise DatasetError(
+            f"trial {trial.trial_id}: dataset {trial.dataset!r} is a {source.env} dataset, trial env is {trial.env}"
+        )
     return source
 
 
@@ -387,7 +389,7 @@ class TrialRunner:
 
     # ---- the loop
 
-    def run(self, on_epoch: Callable[[dict, "TrialRunner"], None] | None = None) -> list[dict]:
+    def run(self, on_epoch: Callable[[dict, TrialRunner], None] | None = None) -> list[dict]:
         """Train until `trial.epochs`; after each epoch write outputs, then call on_epoch(row, self)."""
         if self.epoch == 0 and not self.rows:
             self._finish_epoch(train_loss=None, evaluate=False, on_epoch=on_epoch)
@@ -525,9 +527,7 @@ class TrialRunner:
         stats = write_checkpoint(self.store, rel, checkpoint_state(self.model.state_dict(), self.trial.checkpoint_dtype), meta)
         row = {"trial_id": self.tid, "epoch": self.epoch, "path": rel, **stats}  # relative: the sweep dir can move
         self.checkpoint_rows = [r for r in self.checkpoint_rows if r["epoch"] != self.epoch] + [row]
-        self.store.write_table(
-            f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA)
-        )
+        self.store.write_table(f"checkpoints/{self.tid}/index.parquet", table_from_rows(self.checkpoint_rows, CHECKPOINTS_SCHEMA))
 
 
 def checkpoint_state(state_dict: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -555,5 +555,3 @@ def _on_cpu(obj):
 def set_threads_for_trial(num_cpus: float) -> None:
     """Match torch's intra-op threads to the CPUs Ray gave the trial (avoids oversubscription)."""
     torch.set_num_threads(max(1, int(num_cpus)))
-
-
