@@ -406,6 +406,12 @@ class GroupRun:
     ran: dict = field(default_factory=dict)  # trial_id -> its latest sample started in this run
     started: int = 0  # samples started in this run
 
+    def __getstate__(self) -> dict:
+        # Tune pickles its search algorithm (and this run with it) into tuner.pkl, which dtsweep
+        # never restores (search.parquet is the resume state); `log` may be a function pickle
+        # cannot name (print, after a library replaced builtins.print).
+        return {**self.__dict__, "log": None}
+
     def start(self, tune_id: str, raw: dict, trial: Trial) -> dict:
         """Record a new sample as running; returns its Tune config (`train_trial`'s)."""
         tid = trial.trial_id
