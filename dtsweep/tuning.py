@@ -126,14 +126,14 @@ def run_name(prefix: str) -> str:
 
 def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu: bool, callbacks: list,
                 param_space: dict | None = None, **tune_config):  # fmt: skip
-    """A Tuner running `trainable` with each trial's placement, Tune's state under `<sweep>/_tune/<name>`,
-    one resume checkpoint kept per trial, `callbacks` and the spec's tracking loggers
+    """A Tuner running `trainable` with each trial's placement, Tune's state under `<sweep>/_tune/<name>`
+    (trials save their own resume states: `dtsweep.sweepdir.save_resume_state`), `callbacks` and the spec's tracking loggers
     (`dtsweep.tracking`), and `tune_config` (TuneConfig's arguments). Trials are named (and their
     directories too) by `trial_name`, so TensorBoard, MLflow and W&B show readable runs."""
     from ray import tune
 
-    # Tune warns each time num_to_keep=1 forces an experiment snapshot; with one checkpoint
-    # per epoch that is by design, and the warning would drown the progress lines.
+    # Tune warns when syncing its experiment state to storage takes long (object storage, many
+    # trials); dtsweep does not resume from that state, and the warning would drown the progress lines.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's own SIGINT handler ends the experiment "gracefully": every unstarted trial comes
     # back as an error and a Tuner.restore hint is printed. Without it Ctrl-C raises
@@ -154,7 +154,6 @@ def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu:
             name=name,
             storage_path=store.uri(TUNE_DIR),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks + logger_callbacks(spec.ray.loggers, sweep_name=spec.name),
             verbose=0,
         ),
