@@ -172,7 +172,9 @@ def test_reused_envs_give_the_same_episodes(data):
     again = evaluate_episodes(model, "hopper", n_episodes=3, envs=envs, **eval_kwargs(traj))
     for r in (first, again):
         np.testing.assert_array_equal(r.lengths, fresh.lengths)
-        np.testing.assert_array_equal(r.returns, fresh.returns)
+        # Same inputs in the same process: equal up to rounding (1e-9 relative); a reset that
+        # leaked state from the previous episodes moves the returns by whole units.
+        np.testing.assert_allclose(r.returns, fresh.returns, rtol=1e-9)
     with pytest.raises(ValueError, match="2 envs given for 3 episodes"):
         evaluate_episodes(model, "hopper", n_episodes=3, envs=envs[:2], **eval_kwargs(traj))
 

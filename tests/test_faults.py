@@ -30,6 +30,14 @@ from dtsweep.sweepdir import epochs_done, latest_resume_checkpoints, sweep_statu
 pytestmark = pytest.mark.slow
 
 
+def short_and_long_studies(long_epochs: int) -> list[dict]:
+    """A 1-epoch trial (seed 0) and one of `long_epochs` epochs (seed 1) that a test can kill mid-run."""
+    return [
+        {"name": "short", "init": "random", "seed": [0], "train": {"epochs": 1}},
+        {"name": "long", "init": "random", "seed": [1], "train": {"epochs": long_epochs, "steps_per_epoch": 150}},
+    ]
+
+
 def tiny_sweep(storage, studies, **ray):
     """A sweep of tiny real trials: 1-block 16-wide DT, hopper-random, short epochs."""
     return {
@@ -195,10 +203,7 @@ def test_killed_driver_rerun_finishes_only_the_rest(tmp_path, data_cache, ray_tm
     # checkpoint handed to the second driver all take the path an s3:// sweep takes.
     raw = tiny_sweep(
         f"file://{tmp_path}/runs",
-        [
-            {"name": "short", "init": "random", "seed": [0], "train": {"epochs": 1}},
-            {"name": "long", "init": "random", "seed": [1], "train": {"epochs": long_epochs, "steps_per_epoch": 150}},
-        ],
+        short_and_long_studies(long_epochs),
     )
     spec_path = tmp_path / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(raw))

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 # Helpers of the fault tests (same tiny trials, same way of finding this test's Ray processes).
-from test_faults import checkpointed_epoch, kill_all, ray_processes, tiny_sweep, wait_for
+from test_faults import checkpointed_epoch, kill_all, ray_processes, short_and_long_studies, tiny_sweep, wait_for
 
 from dtsweep.cli import main
 from dtsweep.data import file_sha256
@@ -150,10 +150,7 @@ def test_whole_workflow_on_s3(s3_endpoint, tmp_path, data_cache, ray_tmpdir, cap
     storage = f"s3://{BUCKET}/runs"
     raw = tiny_sweep(
         storage,
-        [
-            {"name": "short", "init": "random", "seed": [0], "train": {"epochs": 1}},
-            {"name": "long", "init": "random", "seed": [1], "train": {"epochs": long_epochs, "steps_per_epoch": 150}},
-        ],
+        short_and_long_studies(long_epochs),
     )
     spec_path = tmp_path / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
