@@ -223,7 +223,8 @@ def cmd_diagnose(args) -> int:
         value = yaml.safe_load(raw)
         options.setdefault(kind, {})[name] = value.split(",") if name == "depths" and isinstance(value, str) else value
     try:
-        out = run_diagnostics(args.sweep_dir, kinds, options=options or None, address=args.address)
+        out = run_diagnostics(args.sweep_dir, kinds, options=options or None, address=args.address, gpu=args.gpu,
+                              max_workers=args.max_workers)  # fmt: skip
     except ValueError as e:  # unknown option names, bad values: the user's input
         if "option" not in str(e):
             raise
@@ -245,6 +246,13 @@ def cmd_report(args) -> int:
     else:
         print(index)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _require_sweep_dir(sweep_dir: str, needed: str) -> None:
@@ -334,6 +342,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         "mine.depths=middle (MINE at the middle block only), mine.n_windows=2048; repeatable",
     )
     q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the cluster on this node, else a local Ray)")
+    q.add_argument(
+        "--gpu",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="one GPU per worker: auto = when the cluster has GPUs now (else CPUs, said so), on = wait for GPU nodes "
+        "an autoscaler starts, off = CPUs only (default: auto)",
+    )
+    q.add_argument(
+        "--max-workers",
+        type=_positive_int,
+        metavar="N",
+        help="largest worker pool; it starts with what the cluster fits and grows as nodes join (default: one per item)",
+    )
     q.set_defaults(func=cmd_diagnose)
 
     q = sub.add_parser("report", help="tables, figures and the papers' findings with seed CIs -> report/")

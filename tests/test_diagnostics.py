@@ -627,3 +627,96 @@ def test_plan_costs_diagnostics_from_the_measured_figures():
     # No epoch-1 checkpoint: no gradients to measure, and nothing to cost for them.
     no_epoch_1 = dataclasses.replace(trial, checkpoint_epochs=(0, trial.epochs))
     assert set(diagnostics_estimate(no_epoch_1)) == set(KINDS) - {"gradients"}
+
+
+def _diagnose_in_background(sweep_dir: str, address: str, **kwargs):
+    """run_diagnostics in a thread (nodes can only be added from the main thread); returns
+    (thread, log lines, outcome dict filled with "out" or "error")."""
+    import threading
+
+    from dtsweep.diagnostics.job import run_diagnostics
+
+    lines, outcome = [], {}
+
+    def target():
+        try:
+            outcome["out"] = run_diagnostics(sweep_dir, address=address, log=lines.append, **kwargs)
+        except Exception as e:  # reported by the test's own assertion
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, lines, outcome
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_diagnose_pool_grows_onto_a_node_that_joins(trained_sweep, tmp_path):
+    """The worker pool starts with what the cluster fits (one CPU) and takes on a node that
+    joins while the job runs, as an autoscaler's would."""
+    import shutil
+
+    import pandas as pd
+    from ray.cluster_utils import Cluster
+
+    sweep_dir = str(tmp_path / "sweep")
+    shutil.copytree(trained_sweep[0], sweep_dir)
+    # MINE items slow enough (~15 s each) that work is still queued when the new node's worker
+    # has started (a worker takes ~10 s to start on a 2-core machine).
+    options = {**JOB_OPTIONS, "mine": {**JOB_OPTIONS["mine"], "steps": 6000, "patience": None}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        thread, lines, outcome = _diagnose_in_background(sweep_dir, cluster.address, options=options)
+        _wait_for(lambda: any("1/10" in line for line in lines) or not thread.is_alive(), 180, "the first item")
+        assert thread.is_alive(), f"the job ended before the node joined: {outcome} {lines}"
+        assert any("1 worker(s) on CPU, up to 10" in line for line in lines), lines
+        node = cluster.add_node(num_cpus=1)
+        thread.join(timeout=300)
+        assert not thread.is_alive() and "error" not in outcome, (outcome, lines)
+    finally:
+        cluster.shutdown()
+    timings = pd.read_parquet(f"{sweep_dir}/diagnostics/timings.parquet")
+    assert len(timings) == 10
+    assert node.node_id in set(timings["node_id"]), f"no item ran on the node that joined: {timings}"
+    assert timings["node_id"].nunique() == 2
+
+
+def test_diagnose_gpu_on_waits_for_a_gpu_node(trained_sweep, tmp_path):
+    """`--gpu on` on a cluster without GPUs: the workers ask for a GPU each and run once a GPU
+    node joins (here a node that declares one; torch finds no CUDA there, so they measure on
+    CPU). `auto` on the same cluster runs on its CPUs and says so."""
+    import shutil
+    import time
+
+    import pandas as pd
+    from ray.cluster_utils import Cluster
+
+    from dtsweep.cluster import ray_session
+    from dtsweep.diagnostics.job import worker_pool
+
+    sweep_dir = str(tmp_path / "sweep")
+    shutil.copytree(trained_sweep[0], sweep_dir)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        with ray_session(cluster.address):
+            auto_lines = []
+            _, per_actor = worker_pool(4, "auto", log=auto_lines.append)
+            assert per_actor == {"num_cpus": 1} and "workers run on CPUs" in auto_lines[0]
+        thread, lines, outcome = _diagnose_in_background(sweep_dir, cluster.address, kinds=["params"], gpu="on")
+        _wait_for(lambda: any("wait for GPU nodes" in line for line in lines), 120, "the job to start")
+        time.sleep(3)
+        assert thread.is_alive() and not any("1/2" in line for line in lines), "measured without a GPU"
+        node = cluster.add_node(num_cpus=1, num_gpus=1)
+        thread.join(timeout=180)
+        assert not thread.is_alive() and "error" not in outcome, (outcome, lines)
+    finally:
+        cluster.shutdown()
+    timings = pd.read_parquet(f"{sweep_dir}/diagnostics/timings.parquet")
+    assert set(timings["node_id"]) == {node.node_id} and (timings["device"] == "cpu").all()

@@ -151,7 +151,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 TIMINGS_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("kind", pa.string()), ("init", pa.string()), ("n_rows", pa.int64()),
-     ("seconds", pa.float64()), ("cpu_seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64())]
+     ("seconds", pa.float64()), ("cpu_seconds", pa.float64()), ("device", pa.string()), ("n_params", pa.int64()),
+     ("node_id", pa.string())]
 )  # fmt: skip
 
 
@@ -470,10 +471,16 @@ class DiagnosticsWorker:
     """A Ray Data actor: measures one (trial, kind) item and writes its part file."""
 
     def __init__(self, sweep_dir: str, options: dict[str, dict]):
+        import ray
+
         self.store = Store(sweep_dir)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # CUDA only with a GPU of its own: an actor that asked Ray for CPUs sees every GPU of its
+        # node (Ray sets CUDA_VISIBLE_DEVICES only for GPU requests) and would pile onto cuda:0.
+        has_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        device = torch.device("cuda" if has_gpu else "cpu")
         if device.type == "cpu":
             torch.set_num_threads(1)  # one actor per CPU
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.ctx = Context(device=device, options=options, max_grad_elements=_grad_budget(device))
 
     def __call__(self, item: dict) -> dict:
@@ -484,7 +491,7 @@ class DiagnosticsWorker:
         t0, c0 = time.perf_counter(), time.process_time()
         status = {"trial_id": item["trial_id"], "kind": kind, "init": trial.init, "device": str(self.ctx.device),
                   "n_params": item["n_params"], "n_rows": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                  "error": None}  # fmt: skip
+                  "node_id": self.node_id, "error": None}  # fmt: skip
         try:
             rows = MEASURES[kind](self.ctx, trial, ckpts)
         except Exception as e:  # one trial's failure must not discard the other items' work
@@ -607,6 +614,37 @@ def _merge_options(options: dict[str, dict] | None) -> dict[str, dict]:
     return merged
 
 
+def worker_pool(n_items: int, gpu: str, max_workers: int | None = None, log: Callable[[str], None] = print):
+    """(Ray Data actor pool, per-actor resources) for n_items diagnostic items; call inside ray_session.
+
+    gpu: "auto" gives each worker a GPU when the cluster has GPUs now, else runs on CPUs and
+    says so; "on" asks for GPUs even when none is up yet (the workers wait for the GPU nodes an
+    autoscaler starts); "off" runs on CPUs. A worker holds one GPU, or one CPU with one torch
+    thread. The pool starts with as many workers as the cluster fits now and grows, up to
+    max_workers (default: one per item), as nodes join: a sweep's GPU nodes may have been
+    scaled down by the time `diagnose` starts.
+    """
+    import ray
+
+    if gpu not in ("auto", "on", "off"):
+        raise ValueError(f"gpu option must be auto, on or off, got {gpu!r}")
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"max_workers option must be >= 1, got {max_workers}")
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    on_gpu = gpu == "on" or (gpu == "auto" and gpus > 0)
+    if gpu == "auto" and not on_gpu:
+        log("diagnostics: no GPU in the Ray cluster now: workers run on CPUs (`--gpu on` waits for GPU nodes)")
+    elif gpu == "on" and not gpus:
+        log("diagnostics: --gpu on and no GPU in the cluster yet: workers wait for GPU nodes (autoscaler)")
+    fits_now = gpus if on_gpu else int(resources.get("CPU", 0))
+    largest = min(n_items, max_workers or n_items)
+    initial = max(1, min(fits_now, largest))
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial)
+    log(f"diagnostics: {initial} worker(s) on {'GPU' if on_gpu else 'CPU'}, up to {largest} as the cluster grows")
+    return pool, ({"num_gpus": 1} if on_gpu else {"num_cpus": 1})
+
+
 def run_diagnostics(
     sweep_dir: str,
     kinds: Iterable[str] | None = None,
@@ -614,6 +652,8 @@ def run_diagnostics(
     num_cpus: int | None = None,
     options: dict[str, dict] | None = None,
     address: str | None = None,
+    gpu: str = "auto",
+    max_workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
     """Measure every due (finished trial, kind) of a sweep with Ray Data; returns kind -> file.
@@ -625,9 +665,10 @@ def run_diagnostics(
         options: per-kind overrides of DEFAULT_OPTIONS, e.g. FAST_OPTIONS or
             {"mine": {"steps": 500}}.
         address: a Ray cluster to connect to (default: RAY_ADDRESS, else a local Ray).
+        gpu, max_workers: the worker pool (see `worker_pool`): one worker per GPU, else one per
+            CPU with one torch thread each, growing with the cluster.
         log: progress and skip messages.
 
-    One actor per GPU when the cluster has GPUs, else one per CPU with one torch thread each.
     Finished (trial, kind) items are not measured again; delete diagnostics/parts/<kind>/ to
     redo a kind. Raises RuntimeError after writing what succeeded if any item failed.
     """
@@ -649,15 +690,11 @@ def run_diagnostics(
     statuses: list[dict] = []
     if work.todo:
         with ray_session(address, num_cpus=num_cpus):
-            resources = ray.cluster_resources()
-            gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-            per_actor = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-            size = max(1, min(len(work.todo), gpus or cpus))
-            log(f"diagnostics: {size} worker(s) on {'GPU' if gpus else 'CPU'}")
+            pool, per_actor = worker_pool(len(work.todo), gpu, max_workers, log)
             ds = ray.data.from_items(work.todo, override_num_blocks=len(work.todo)).map(
                 DiagnosticsWorker,
                 fn_constructor_kwargs={"sweep_dir": sweep_dir, "options": opts},
-                compute=ray.data.ActorPoolStrategy(size=size),
+                compute=pool,
                 **per_actor,
             )
             statuses = []
