@@ -4,6 +4,7 @@
     python benchmarks/scale.py --out r.json             # N = 100, 1,000 and 5,000
     python benchmarks/scale.py --n 20 --out r.json      # any N (the CI test uses a tiny one)
     python benchmarks/scale.py --n 100 --finished 5000  # + rerun/status of a finished 5,000-trial sweep
+    python benchmarks/scale.py --quick --s3 --out r.json  # the sweeps on an S3 server on 127.0.0.1
 
 Runs the real orchestration path — spec -> ledger -> Ray Tune -> Store -> compaction -> status
 — through `dtsweep.orchestrate.run_sweep`, with ONE substitution: the Tune trainable does no
@@ -24,6 +25,10 @@ Per N it reports (seconds are wall-clock unless named cpu):
 - rerun_s: `run_sweep` again once every trial is finished (nothing to train);
 - status_s: `dtsweep.sweepdir.sweep_status` of the finished sweep;
 and top level `overhead_growth` = per_trial_overhead_s at the largest N / at the smallest.
+With --s3 the sweeps live on a real S3-compatible server on 127.0.0.1 (moto's, benchmarks/
+s3server.py; needs the `test` extra): every ledger record, metrics file, checkpoint and
+compaction is an S3 request, as on a cluster with object storage (loopback, so no network
+latency: a real bucket adds its round trips).
 `finished_sweeps` (--finished, and the full run's 5,000): rerun_s and status_s of a finished
 sweep whose outputs were written with the same writers directly, not through Tune.
 On a machine shared with other jobs these are upper bounds: the load average is recorded.
@@ -32,6 +37,7 @@ On a machine shared with other jobs these are upper bounds: the load average is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,6 +51,9 @@ os.environ.setdefault("DTSWEEP_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # s3server
+
+S3_BUCKET = "dtsweep-scale"
 
 SUBSTITUTION = (
     "the Tune trainable does no training: it writes each epoch's metrics row, the analysis "
@@ -121,7 +130,7 @@ def make_trainable(started_log: str):
     return no_training_trial
 
 
-def measure_finished(n: int, workdir: Path, log) -> dict:
+def measure_finished(n: int, storage: str, log) -> dict:
     """rerun_s and status_s of a finished sweep of `n` trials whose outputs were written directly
     (the writers above, the ledger, compaction), without running them through Tune: how long a
     rerun of a finished N-trial sweep takes where running all N through Tune would take too long."""
@@ -130,7 +139,7 @@ def measure_finished(n: int, workdir: Path, log) -> dict:
     from dtsweep.store import Store
     from dtsweep.sweepdir import Ledger, compact, sweep_status, trial_row, write_sweep_yaml
 
-    raw = scale_spec(str(workdir), n)
+    raw = scale_spec(storage, n)
     raw["name"] = f"finished-{n}"
     spec = parse_spec(raw)
     store = Store(spec.sweep_dir)
@@ -156,17 +165,15 @@ def measure_finished(n: int, workdir: Path, log) -> dict:
     return out
 
 
-def count_files(root: Path, name: str) -> int:
-    return sum(1 for _ in root.rglob(name)) if root.exists() else 0
-
-
-def measure(n: int, workdir: Path, log) -> dict:
+def measure(n: int, storage: str, workdir: Path, log) -> dict:
+    """One sweep of n trials under `storage` (a local directory or a URI); workdir: local scratch."""
     from dtsweep.inputs import prepare_datasets
     from dtsweep.orchestrate import run_sweep
     from dtsweep.spec import parse_spec
-    from dtsweep.sweepdir import LEDGER_BYTES_WRITTEN, sweep_status
+    from dtsweep.store import Store
+    from dtsweep.sweepdir import LEDGER_BYTES_WRITTEN, latest_resume_checkpoints, pending_records, sweep_status
 
-    spec = parse_spec(scale_spec(str(workdir), n))
+    spec = parse_spec(scale_spec(storage, n))
     prepare_datasets(spec.trials()[:1], log=log)  # generated once, outside the timings
     started_log = workdir / f"started-{n}.txt"
     trainable = make_trainable(str(started_log))
@@ -187,7 +194,7 @@ def measure(n: int, workdir: Path, log) -> dict:
     st = sweep_status(spec.sweep_dir)
     status_s = time.time() - t2
 
-    root = Path(spec.sweep_dir)
+    store = Store(spec.sweep_dir)
     ok = (first.finished == n and first.failed == 0 and again.ran == 0 and st["counts"] == {"finished": n}
           and len(starts) == n)  # fmt: skip
     out = {
@@ -197,11 +204,11 @@ def measure(n: int, workdir: Path, log) -> dict:
         "per_trial_overhead_s": round((run_s - first_trial_s) / n, 4),
         "driver_cpu_per_trial_s": round(cpu_s / n, 4),
         "ledger_bytes_written": int(ledger_bytes),
-        "trials_parquet_bytes": (root / "trials.parquet").stat().st_size,
+        "trials_parquet_bytes": store.file_size("trials.parquet"),
         "rerun_s": round(rerun_s, 2),
         "status_s": round(status_s, 2),
-        "resume_states_left": count_files(root / "_tune", "*.pt"),
-        "ledger_records_left": count_files(root / "_ledger", "*.json"),
+        "resume_states_left": len(latest_resume_checkpoints(store)),
+        "ledger_records_left": len(pending_records(store)),
         "all_finished": bool(ok),
     }
     log(f"N={n}: {json.dumps(out)}")
@@ -226,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="*", help="trial counts to run (overrides --quick; none: only --finished)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--workdir", help="where the sweeps go (default: a temporary directory, deleted)")
+    p.add_argument("--s3", action="store_true", help="write the sweeps to an S3-compatible server on 127.0.0.1 (moto)")
     p.add_argument("--finished", type=int, nargs="*", default=None,
                    help="also time rerun and status of finished sweeps of these sizes, written without Tune "
                         "(default: 5000 unless --quick or --n)")  # fmt: skip
@@ -239,11 +247,18 @@ def main(argv=None) -> int:
     info = machine()
     log(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_avg_start']:.1f} at start "
         "(a shared machine: figures are upper bounds)")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="dtsweep-scale-", dir=args.workdir) as d:
+    with tempfile.TemporaryDirectory(prefix="dtsweep-scale-", dir=args.workdir) as d, contextlib.ExitStack() as stack:
         os.environ.setdefault("DTSWEEP_DATA_DIR", str(Path(d) / "datasets"))
-        results = [measure(n, Path(d), log) for n in ns]
+        storage = d
+        if args.s3:
+            from s3server import moto_s3
+
+            endpoint = stack.enter_context(moto_s3([S3_BUCKET], str(Path(d) / "moto.log")))
+            storage = f"s3://{S3_BUCKET}/{Path(d).name}"
+            log(f"storage: {storage} on the S3 server at {endpoint}")
+        results = [measure(n, storage, Path(d), log) for n in ns]
         finished_ns = args.finished if args.finished is not None else ([] if (args.quick or args.n is not None) else [5000])
-        finished = [measure_finished(n, Path(d), log) for n in finished_ns]
+        finished = [measure_finished(n, storage, log) for n in finished_ns]
     info["load_avg_end"] = os.getloadavg()[0]
     growth = None
     if results:
@@ -255,6 +270,7 @@ def main(argv=None) -> int:
         "substitution": SUBSTITUTION,
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": info,
+        "storage": "s3 (moto server on 127.0.0.1)" if args.s3 else "local disk",
         "results": {str(r["n_trials"]): r for r in results},
         "overhead_growth": growth,
         "finished_sweeps": {str(r["n_trials"]): r for r in finished},

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import pytest
 import yaml
 
 # Helpers of the fault tests (same tiny trials, same way of finding this test's Ray processes).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from s3server import moto_s3  # the server benchmarks/scale.py --s3 uses
 from test_faults import checkpointed_epoch, kill_all, ray_processes, short_and_long_studies, tiny_sweep, wait_for
 
 from dtsweep.cli import main
@@ -50,49 +51,12 @@ def ray_tmpdir(monkeypatch):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server on a free loopback port, with the environment every dtsweep process
     (and the Ray workers started from it) uses to reach it; two empty buckets."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-
-        def up():
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return True
-            except OSError:
-                return server.poll() is not None  # exited: reported below
-
-        wait_for(up, 60, "moto's S3 server to listen")
-        assert server.poll() is None, "moto's S3 server exited at start"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        for bucket in (BUCKET, COPY_BUCKET):
-            s3.create_bucket(Bucket=bucket)
+    with moto_s3((BUCKET, COPY_BUCKET), str(tmp_path_factory.mktemp("moto") / "moto.log")) as endpoint:
         yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def s3_files(uri: str) -> dict[str, int]:

@@ -151,13 +151,17 @@ def test_resume_states_found_in_one_listing_and_pruned(tmp_path):
 
 @pytest.mark.slow
 def test_scale_benchmark_writes_every_figure(tmp_path, data_cache):
+    """At a tiny N, on the S3 test server (--s3): the object-storage path of the benchmark; the
+    local one differs only in the storage root."""
+    pytest.importorskip("moto.server")
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--n", "6", "12", "--finished", "30", "--out", str(out),
-                        "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+                        "--workdir", str(tmp_path), "--s3"], capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "does no training" in r.stderr
+    assert "does no training" in r.stderr and "on the S3 server" in r.stderr
     res = json.loads(out.read_text())
+    assert res["storage"].startswith("s3")
     assert {"overhead_growth", "substitution", "machine", "results"} <= set(res)
     assert set(res["results"]) == {"6", "12"} and set(res["finished_sweeps"]) == {"30"}
     for _n, row in res["results"].items():
