@@ -668,16 +668,16 @@ def test_diagnose_pool_grows_onto_a_node_that_joins(trained_sweep, tmp_path):
 
     sweep_dir = str(tmp_path / "sweep")
     shutil.copytree(trained_sweep[0], sweep_dir)
-    # MINE items slow enough (~15 s each) that work is still queued when the new node's worker
-    # has started (a worker takes ~10 s to start on a 2-core machine).
+    # MINE items (measured first, the longest kind) slow enough, ~15 s each, that the second one
+    # is still queued when the new node's worker has started (~10 s on a 2-core machine).
     options = {**JOB_OPTIONS, "mine": {**JOB_OPTIONS["mine"], "steps": 6000, "patience": None}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         thread, lines, outcome = _diagnose_in_background(sweep_dir, cluster.address, options=options)
-        _wait_for(lambda: any("1/10" in line for line in lines) or not thread.is_alive(), 180, "the first item")
-        assert thread.is_alive(), f"the job ended before the node joined: {outcome} {lines}"
-        assert any("1 worker(s) on CPU, up to 10" in line for line in lines), lines
+        _wait_for(lambda: any("worker(s) on CPU" in line for line in lines) or not thread.is_alive(), 180, "the pool")
+        assert any("1 worker(s) on CPU, up to 10" in line for line in lines), (outcome, lines)
         node = cluster.add_node(num_cpus=1)
+        assert thread.is_alive() and not any("/10 " in line for line in lines), f"the job ended before the node joined: {lines}"
         thread.join(timeout=300)
         assert not thread.is_alive() and "error" not in outcome, (outcome, lines)
     finally:

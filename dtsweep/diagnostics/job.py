@@ -53,7 +53,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -61,7 +61,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from dtsweep.costs import diagnostics_seconds
+from dtsweep.costs import DIAGNOSTICS_CPU_SECONDS, diagnostics_seconds
 from dtsweep.data import load_dataset, read_d4rl_hdf5, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
 from dtsweep.diagnostics.cka import linear_cka_both
@@ -637,7 +637,9 @@ def worker_pool(n_items: int, gpu: str, max_workers: int | None = None, log: Cal
     fits_now = gpus if on_gpu else int(resources.get("CPU", 0))
     largest = min(n_items, max_workers or n_items)
     initial = max(1, min(fits_now, largest))
-    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial)
+    # One item at a time per worker: items last from a second to minutes, and a short one
+    # queued behind a MINE item while another worker idles cost the quickstart 2 of 10 minutes.
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial, max_tasks_in_flight_per_actor=1)
     log(f"diagnostics: {initial} worker(s) on {'GPU' if on_gpu else 'CPU'}, up to {largest} as the cluster grows")
     return pool, ({"num_gpus": 1} if on_gpu else {"num_cpus": 1})
 
@@ -688,17 +690,29 @@ def run_diagnostics(
     if work.todo:
         with ray_session(address, num_cpus=num_cpus):
             pool, per_actor = worker_pool(len(work.todo), gpu, max_workers, log)
-            ds = ray.data.from_items(work.todo, override_num_blocks=len(work.todo)).map(
-                DiagnosticsWorker,
-                fn_constructor_kwargs={"sweep_dir": sweep_dir, "options": opts},
-                compute=pool,
-                **per_actor,
-            )
-            statuses = []
-            t0 = time.perf_counter()
-            for status in ds.iter_rows():
-                statuses.append(dict(status))
-                log(_progress_line(status, len(statuses), len(work.todo), time.perf_counter() - t0))
+            # Longest kinds first, so that no long item starts last while the other workers idle.
+            todo = sorted(work.todo, key=lambda item: -DIAGNOSTICS_CPU_SECONDS[item["kind"]])
+            ctx = ray.data.DataContext.get_current()
+            saved = ctx.enable_progress_bars, ctx.autoscaling_config
+            # One line per finished item with an ETA comes from here; Ray Data's own progress
+            # would add a block of lines every 10 s to a log file (stdout not a terminal).
+            ctx.enable_progress_bars = False
+            # With one item in flight per worker, a pool whose workers are all busy is at
+            # utilisation 1.0: grow then (Ray Data's default, 1.75, assumes queued items).
+            ctx.autoscaling_config = replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0)
+            try:
+                ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
+                    DiagnosticsWorker,
+                    fn_constructor_kwargs={"sweep_dir": sweep_dir, "options": opts},
+                    compute=pool,
+                    **per_actor,
+                )
+                t0 = time.perf_counter()
+                for status in ds.iter_rows():
+                    statuses.append(dict(status))
+                    log(_progress_line(status, len(statuses), len(todo), time.perf_counter() - t0))
+            finally:
+                ctx.enable_progress_bars, ctx.autoscaling_config = saved
         _write_timings(store, statuses)
 
     out = {kind: _compact(store, kind) for kind in kinds}
