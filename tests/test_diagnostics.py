@@ -667,7 +667,7 @@ def test_diagnose_pool_grows_onto_a_node_that_joins(trained_sweep, tmp_path):
     from ray.cluster_utils import Cluster
 
     sweep_dir = str(tmp_path / "sweep")
-    shutil.copytree(trained_sweep[0], sweep_dir)
+    shutil.copytree(trained_sweep[0], sweep_dir, ignore=shutil.ignore_patterns("diagnostics"))  # none measured yet
     # MINE items (measured first, the longest kind) slow enough, ~15 s each, that the second one
     # is still queued when the new node's worker has started (~10 s on a 2-core machine).
     options = {**JOB_OPTIONS, "mine": {**JOB_OPTIONS["mine"], "steps": 6000, "patience": None}}
@@ -702,7 +702,7 @@ def test_diagnose_gpu_on_waits_for_a_gpu_node(trained_sweep, tmp_path):
     from dtsweep.diagnostics.job import worker_pool
 
     sweep_dir = str(tmp_path / "sweep")
-    shutil.copytree(trained_sweep[0], sweep_dir)
+    shutil.copytree(trained_sweep[0], sweep_dir, ignore=shutil.ignore_patterns("diagnostics"))  # none measured yet
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         with ray_session(cluster.address):
