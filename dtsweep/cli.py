@@ -330,7 +330,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         "--fast",
         action="store_true",
         help="small samples and critics: a CPU smoke run, ~20 s of one core per ChibiT-size trial against "
-        "~210 s by default; not for conclusions: MINE's figures come out ~1/3 of the default's (ratio of "
+        "~156 s by default; not for conclusions: MINE's figures come out ~1/3 of the default's (ratio of "
         "means 0.36, median per-critic ratio 0.21 on a quickstart trial), CKA within 0.03 "
         "(benchmarks/README.md, 'Diagnostics cost')",
     )

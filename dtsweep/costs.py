@@ -110,13 +110,13 @@ class TrialCost:
 # ---------------------------------------------------------------------------------------------
 # Diagnostics
 
-# CPU seconds of one core (one torch thread) per trial and kind with the job's DEFAULT_OPTIONS,
-# measured with `benchmarks/diagnostics.py --sweep` on the trials of a finished quickstart sweep
-# (ChibiT size: 3 blocks, 128 wide, 1 head, K = 20, batch 32, checkpoints at epochs 0, 1, 3) on
-# the shared 2-core AMD EPYC machine under a load average of 7 to 24 (CPU seconds inflated by the
-# contention: a quieter machine takes less); benchmarks/README.md, "Diagnostics cost", has the table.
+# CPU seconds of one core (one torch thread) per trial and kind with the job's DEFAULT_OPTIONS:
+# the mean of `diagnostics/timings.parquet` over the six trials of a finished quickstart sweep
+# (ChibiT size: 3 blocks, 128 wide, 1 head, K = 20, batch 32, checkpoints at epochs 0, 1, 3),
+# `dtsweep diagnose` with two CPU workers on an otherwise idle 2-core AMD EPYC machine;
+# benchmarks/README.md, "Diagnostics cost", has the tables.
 DIAGNOSTICS_REFERENCE = {"n_layer": 3, "n_embd": 128, "context_len": 20, "batch_size": 32, "n_epochs_saved": 3}
-DIAGNOSTICS_CPU_SECONDS = {"cka": 7.3, "mine": 200.0, "params": 0.02, "gradients": 0.3, "attention": 1.5}
+DIAGNOSTICS_CPU_SECONDS = {"cka": 6.4, "mine": 147.4, "params": 0.02, "gradients": 0.36, "attention": 1.7}
 DIAGNOSTIC_KINDS = tuple(DIAGNOSTICS_CPU_SECONDS)
 # Width of MINE's statistics network in DEFAULT_OPTIONS (a test keeps the two equal).
 MINE_HIDDEN = 64

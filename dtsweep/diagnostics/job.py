@@ -61,7 +61,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from dtsweep.costs import DIAGNOSTICS_CPU_SECONDS, diagnostics_seconds
+from dtsweep.costs import diagnostics_estimate, diagnostics_seconds
 from dtsweep.data import load_dataset, read_d4rl_hdf5, split_trajectories, window_batch
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
 from dtsweep.diagnostics.cka import linear_cka_both
@@ -580,13 +580,14 @@ def _write_timings(store: Store, statuses: list[dict]) -> None:
     store.write_table(TIMINGS, table_from_rows(rows, TIMINGS_SCHEMA))
 
 
-def _progress_line(status: dict, done: int, total: int, elapsed: float) -> str:
+def _progress_line(status: dict, done: int, total: int, elapsed: float, share_done: float) -> str:
     """One line per finished (trial, kind) item: its time, the job's elapsed time and an ETA.
 
-    The ETA assumes the remaining items take as long on average as the finished ones (kinds
-    differ a lot, so it settles once each kind has finished for a trial or two).
+    share_done: the finished items' share of the job's estimated CPU seconds (`_estimates`);
+    the ETA assumes the rest goes at the same pace (items run longest first, so counting items
+    would overstate it many times over at the start).
     """
-    eta = elapsed / done * (total - done)
+    eta = elapsed / share_done * (1 - share_done) if share_done > 0 else elapsed / done * (total - done)
     what = "failed" if status["error"] is not None else f"{status['n_rows']} rows in {status['seconds']:.1f}s"
     return (
         f"[diagnose {_clock(elapsed)}] {done}/{total} {status['kind']} of {status['trial_id']} ({status['init']}): "
@@ -597,6 +598,15 @@ def _progress_line(status: dict, done: int, total: int, elapsed: float) -> str:
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _estimates(items: list[dict]) -> dict[tuple[str, str], float]:
+    """(trial_id, kind) -> estimated CPU seconds of the item (dtsweep.costs; 0 if unknown)."""
+    per_trial: dict[str, dict[str, float]] = {}
+    for item in items:
+        if item["trial_id"] not in per_trial:
+            per_trial[item["trial_id"]] = diagnostics_estimate(Trial.from_dict(json.loads(item["config_json"])))
+    return {(i["trial_id"], i["kind"]): per_trial[i["trial_id"]].get(i["kind"], 0.0) for i in items}
 
 
 def _merge_options(options: dict[str, dict] | None) -> dict[str, dict]:
@@ -690,8 +700,10 @@ def run_diagnostics(
     if work.todo:
         with ray_session(address, num_cpus=num_cpus):
             pool, per_actor = worker_pool(len(work.todo), gpu, max_workers, log)
-            # Longest kinds first, so that no long item starts last while the other workers idle.
-            todo = sorted(work.todo, key=lambda item: -DIAGNOSTICS_CPU_SECONDS[item["kind"]])
+            # Longest first: no long item starts last while the other workers idle.
+            cost = _estimates(work.todo)
+            todo = sorted(work.todo, key=lambda item: -cost[item["trial_id"], item["kind"]])
+            total_cost, cost_done = sum(cost.values()), 0.0
             ctx = ray.data.DataContext.get_current()
             saved = ctx.enable_progress_bars, ctx.autoscaling_config
             # One line per finished item with an ETA comes from here; Ray Data's own progress
@@ -710,7 +722,9 @@ def run_diagnostics(
                 t0 = time.perf_counter()
                 for status in ds.iter_rows():
                     statuses.append(dict(status))
-                    log(_progress_line(status, len(statuses), len(todo), time.perf_counter() - t0))
+                    cost_done += cost[status["trial_id"], status["kind"]]
+                    share = cost_done / total_cost if total_cost else 0.0
+                    log(_progress_line(status, len(statuses), len(todo), time.perf_counter() - t0, share))
             finally:
                 ctx.enable_progress_bars, ctx.autoscaling_config = saved
         _write_timings(store, statuses)
