@@ -668,9 +668,10 @@ def test_diagnose_pool_grows_onto_a_node_that_joins(trained_sweep, tmp_path):
 
     sweep_dir = str(tmp_path / "sweep")
     shutil.copytree(trained_sweep[0], sweep_dir, ignore=shutil.ignore_patterns("diagnostics"))  # none measured yet
-    # MINE items (measured first, the longest kind) slow enough, ~15 s each, that the second one
-    # is still queued when the new node's worker has started (~10 s on a 2-core machine).
-    options = {**JOB_OPTIONS, "mine": {**JOB_OPTIONS["mine"], "steps": 6000, "patience": None}}
+    # MINE items (measured first, the longest kind) slow enough, ~25 s each on an idle 2-core
+    # machine, that the first worker is still busy with them when the new node's worker has
+    # started (~10 s; the remaining items then have two workers).
+    options = {**JOB_OPTIONS, "mine": {**JOB_OPTIONS["mine"], "steps": 10000, "patience": None}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         thread, lines, outcome = _diagnose_in_background(sweep_dir, cluster.address, options=options)

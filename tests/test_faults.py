@@ -337,7 +337,9 @@ def test_sigint_stops_cleanly_rerun_resumes(tmp_path, data_cache, ray_tmpdir, ca
     store = Store(spec.sweep_dir)
     cmd = [sys.executable, "-m", "dtsweep", "run", str(spec_path)]
     with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
-        driver = subprocess.Popen(cmd, stdout=out, stderr=err)
+        # SIGINT's default handling restored in the child: a suite started with SIGINT ignored
+        # (nohup, some CI runners) passes that on, and Python then never raises KeyboardInterrupt.
+        driver = subprocess.Popen(cmd, stdout=out, stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: checkpointed_epoch(store, long.trial_id) >= 1, 300, "the long trial to checkpoint an epoch")
         # SIGINT at once: on an idle machine the long trial ends within seconds. A second `run`
