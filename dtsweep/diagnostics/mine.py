@@ -21,10 +21,11 @@ Inputs are standardised per feature with training-split statistics (an invertibl
 affine map does not change MI and keeps the critic's inputs well scaled across layers).
 
 A DT checkpoint needs hundreds of estimates (every token position × 3 blocks × I(X;T), I(Y;T)).
-`train_critic_pairs` trains them as one stacked network: the weights of m critics live in
-[m, ...] tensors and every layer is one batched matmul, so m critics cost one Python loop, not m.
-Adam is element-wise and the critics' losses are summed, so each critic trains exactly as it would
-alone. Inputs of different widths are zero-padded; padded inputs are zero and their weights never
+`train_critic_pairs` trains them in stacked networks: the weights of m critics live in [m, ...]
+tensors and every layer is one batched matmul, so a stack of m critics costs one Python loop, not
+m (stacks of 32 on CPU, where bigger ones fall out of cache; one stack on a GPU). Adam is
+element-wise and the critics' losses are summed, so each critic trains exactly as it would alone,
+and every stack replays the same minibatch rows. Inputs of different widths are zero-padded; padded inputs are zero and their weights never
 receive gradient.
 
 Work that does not change the estimate is not done:
