@@ -260,7 +260,7 @@ def train_critic_pairs(
     stack: how many critics train as one stacked network at a time (None: 32 on CPU, all on a
         GPU). On a CPU a stack's activations should stay in cache: one stack of a trial's 354
         critics spent more time faulting in and streaming fresh [354, 256, hidden] tensors than
-        multiplying (1.5× the time of stacks of 32 while all critics train, 1.2× over a whole
+        multiplying (1.5× the time of stacks of 32 while all critics train, 1.15× over a whole
         trial with early stopping). It changes no estimate: every stack replays the same split,
         evaluation rows and minibatch rows.
     Runs on `device` (default: that of the first x source if it is a tensor, else CPU) in
