@@ -132,8 +132,9 @@ def build_tuner(trainable, *, spec: SweepSpec, store: Store, name: str, has_gpu:
     directories too) by `trial_name`, so TensorBoard, MLflow and W&B show readable runs."""
     from ray import tune
 
-    # Tune warns when syncing its experiment state to storage takes long (object storage, many
-    # trials); dtsweep does not resume from that state, and the warning would drown the progress lines.
+    # Tune warns when it syncs its experiment state to storage more often than a threshold (every
+    # epoch report of many short trials does); dtsweep does not resume from that state, and the
+    # warning would drown the progress lines. (Its warning that one sync takes long stays on.)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's own SIGINT handler ends the experiment "gracefully": every unstarted trial comes
     # back as an error and a Tuner.restore hint is printed. Without it Ctrl-C raises

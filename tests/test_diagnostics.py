@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_faults import wait_for  # the fault tests' poll-until helper
 
 from dtsweep.diagnostics.attention import attention_distance, tokens_to_timesteps
 from dtsweep.diagnostics.cka import linear_cka, linear_cka_both
@@ -649,15 +650,6 @@ def _diagnose_in_background(sweep_dir: str, address: str, **kwargs):
     return thread, lines, outcome
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
-
-
 def test_diagnose_pool_grows_onto_a_node_that_joins(trained_sweep, tmp_path):
     """The worker pool starts with what the cluster fits (one CPU) and takes on a node that
     joins while the job runs, as an autoscaler's would."""
@@ -675,7 +667,7 @@ def test_diagnose_pool_grows_onto_a_node_that_joins(trained_sweep, tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         thread, lines, outcome = _diagnose_in_background(sweep_dir, cluster.address, options=options)
-        _wait_for(lambda: any("worker(s) on CPU" in line for line in lines) or not thread.is_alive(), 180, "the pool")
+        wait_for(lambda: any("worker(s) on CPU" in line for line in lines) or not thread.is_alive(), 180, "the pool")
         assert any("1 worker(s) on CPU, up to 10" in line for line in lines), (outcome, lines)
         node = cluster.add_node(num_cpus=1)
         assert thread.is_alive() and not any("/10 " in line for line in lines), f"the job ended before the node joined: {lines}"
@@ -711,7 +703,7 @@ def test_diagnose_gpu_on_waits_for_a_gpu_node(trained_sweep, tmp_path):
             _, per_actor = worker_pool(4, "auto", log=auto_lines.append)
             assert per_actor == {"num_cpus": 1} and "workers run on CPUs" in auto_lines[0]
         thread, lines, outcome = _diagnose_in_background(sweep_dir, cluster.address, kinds=["params"], gpu="on")
-        _wait_for(lambda: any("wait for GPU nodes" in line for line in lines), 120, "the job to start")
+        wait_for(lambda: any("wait for GPU nodes" in line for line in lines), 120, "the job to start")
         time.sleep(3)
         assert thread.is_alive() and not any("1/2" in line for line in lines), "measured without a GPU"
         node = cluster.add_node(num_cpus=1, num_gpus=1)

@@ -534,6 +534,7 @@ def plan(sweep_dir: str, kinds: Iterable[str] = KINDS) -> Plan:
     todo, done, skipped = [], [], []
     for row in trials.itertuples():
         trial = Trial.from_dict(json.loads(row.config_json))
+        estimate = diagnostics_estimate(trial) if row.status == "finished" else {}
         own = index[index.trial_id == row.trial_id]
         # Stored paths are relative to the sweep directory (older sweeps: absolute).
         saved = {int(e): store.resolve_rel(p) for e, p in zip(own.epoch, own.path)}
@@ -555,6 +556,7 @@ def plan(sweep_dir: str, kinds: Iterable[str] = KINDS) -> Plan:
                     "config_json": row.config_json,
                     "checkpoints_json": json.dumps({str(e): saved[e] for e in sorted(need)}),
                     "n_params": int(own.n_params.max()),
+                    "estimated_cpu_s": estimate.get(kind, 0.0),  # dtsweep.costs: the order and ETA of the job
                     "dataset_json": json.dumps(
                         published_dataset(store, getattr(row, "dataset_sha256", None), getattr(row, "dataset_source", None))
                     ),
@@ -583,7 +585,7 @@ def _write_timings(store: Store, statuses: list[dict]) -> None:
 def _progress_line(status: dict, done: int, total: int, elapsed: float, share_done: float) -> str:
     """One line per finished (trial, kind) item: its time, the job's elapsed time and an ETA.
 
-    share_done: the finished items' share of the job's estimated CPU seconds (`_estimates`);
+    share_done: the finished items' share of the job's estimated CPU seconds (`estimated_cpu_s`);
     the ETA assumes the rest goes at the same pace (items run longest first, so counting items
     would overstate it many times over at the start).
     """
@@ -598,15 +600,6 @@ def _progress_line(status: dict, done: int, total: int, elapsed: float, share_do
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
-def _estimates(items: list[dict]) -> dict[tuple[str, str], float]:
-    """(trial_id, kind) -> estimated CPU seconds of the item (dtsweep.costs; 0 if unknown)."""
-    per_trial: dict[str, dict[str, float]] = {}
-    for item in items:
-        if item["trial_id"] not in per_trial:
-            per_trial[item["trial_id"]] = diagnostics_estimate(Trial.from_dict(json.loads(item["config_json"])))
-    return {(i["trial_id"], i["kind"]): per_trial[i["trial_id"]].get(i["kind"], 0.0) for i in items}
 
 
 def _merge_options(options: dict[str, dict] | None) -> dict[str, dict]:
@@ -701,8 +694,8 @@ def run_diagnostics(
         with ray_session(address, num_cpus=num_cpus):
             pool, per_actor = worker_pool(len(work.todo), gpu, max_workers, log)
             # Longest first: no long item starts last while the other workers idle.
-            cost = _estimates(work.todo)
-            todo = sorted(work.todo, key=lambda item: -cost[item["trial_id"], item["kind"]])
+            todo = sorted(work.todo, key=lambda item: -item["estimated_cpu_s"])
+            cost = {(i["trial_id"], i["kind"]): i["estimated_cpu_s"] for i in todo}
             total_cost, cost_done = sum(cost.values()), 0.0
             ctx = ray.data.DataContext.get_current()
             saved = ctx.enable_progress_bars, ctx.autoscaling_config

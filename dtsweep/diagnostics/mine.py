@@ -315,7 +315,8 @@ def train_critic_pairs(
         critics = _StackedCritics([x_widths[i] for i in x_ids[ids].tolist()], [y_widths[j] for j in y_ids[ids].tolist()],
                                   x.shape[2], y.shape[2], hidden, layers, seed, ids).to(device=device, dtype=dtype)  # fmt: skip
         results.append(_train_stack(critics, data, x_ids[ids], y_ids[ids], g, **options))
-    return CriticResult(*(np.concatenate(parts) for parts in zip(*((r.mi, r.best_step, r.stop_step) for r in results))))
+    return CriticResult(mi=np.concatenate([r.mi for r in results]), best_step=np.concatenate([r.best_step for r in results]),
+                        stop_step=np.concatenate([r.stop_step for r in results]))  # fmt: skip
 
 
 @dataclass
